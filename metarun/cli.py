@@ -1,0 +1,158 @@
+"""The ``metarun`` command: compose the Hydra config, check it, dispatch to a trainer.
+
+    metarun task=sinusoid                        # train + evaluate, run folder under outputs/
+    metarun resume=outputs/runs/<run>            # continue a run exactly where it stopped
+    metarun evaluate=outputs/runs/<run>          # evaluate a checkpoint (600 test tasks)
+    metarun -m algorithm.inner_lr=0.001,0.01 seed=0,1   # sweep
+
+Errors a user can fix are printed as one line (``metarun: error: ...``) with exit status 2;
+set ``HYDRA_FULL_ERROR=1`` for the full traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from metarun.config import register_configs, typed, validate
+from metarun.trainers import TRAINERS
+from metarun.utils import checkpoint
+from metarun.utils.errors import ConfigError, MetarunError
+from metarun.utils.runtime import write_provenance
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+log = logging.getLogger("metarun")
+_ABSENT = object()
+
+
+def _existing_run_dir(resume, evaluate, default):
+    """``hydra.run.dir``: resuming or evaluating writes into the original run folder."""
+    target = resume or evaluate
+    if not target:
+        return default
+    # fail here, before Hydra makes the folder, if there is nothing to resume / evaluate
+    ckpt = checkpoint.find_checkpoint(str(target))
+    return str(ckpt.parent.parent)
+
+
+def _output_subdir(resume, evaluate):
+    """Hydra's own files of a resume / evaluate go beside the original ones, not over them."""
+    if resume or evaluate:
+        return f".hydra/{'resume' if resume else 'evaluate'}-{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    return ".hydra"
+
+
+def _register() -> None:
+    register_configs()
+    for name, fn in (("metarun_run_dir", _existing_run_dir), ("metarun_output_subdir", _output_subdir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def compose(*overrides: str) -> DictConfig:
+    """The config ``metarun OVERRIDES`` would run, for tests, benchmarks and notebooks."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    _register()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def _saved_config(target: str) -> tuple[DictConfig, dict]:
+    """The checkpointed run's own config, with the command line's ``key=value`` overrides on top."""
+    state = checkpoint.load(target)
+    saved = OmegaConf.create(state["config"])
+    for override in OverridesParser.create().parse_overrides(HydraConfig.get().overrides.task):
+        key = override.key_or_group
+        if key in ("resume", "evaluate"):
+            continue
+        if override.is_add() or override.is_delete() or isinstance(OmegaConf.select(saved, key), DictConfig):
+            raise ConfigError(f"'{override.input_line}': a resumed or evaluated run keeps its config groups; "
+                              "only key=value overrides such as trainer.iterations=N are allowed")
+        if OmegaConf.select(saved, key, default=_ABSENT) is _ABSENT:
+            raise ConfigError(f"'{override.input_line}': key '{key}' is not in the saved config of {target}")
+        OmegaConf.update(saved, key, override.value(), merge=False)
+    return typed(saved), state
+
+
+def run(cfg: DictConfig) -> float:
+    """Train / resume / evaluate as ``cfg`` says; returns the objective for sweepers."""
+    if cfg.resume and cfg.evaluate:
+        raise ConfigError("give resume=... or evaluate=..., not both")
+    state = None
+    target = cfg.resume or cfg.evaluate
+    if target:
+        cfg, state = _saved_config(target)
+    validate(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    write_provenance(cfg, run_dir) if not target else None
+    trainer = TRAINERS.get(cfg.trainer.name)
+    if trainer is None:
+        raise ConfigError(f"unknown trainer '{cfg.trainer.name}' (known: {', '.join(sorted(TRAINERS))})")
+    return trainer(cfg, run_dir, state=state, eval_only=bool(cfg.evaluate))
+
+
+class _UserError(BaseException):
+    """Carries a user error out of a Hydra job; Hydra's job runner only catches ``Exception``
+    and would print its own lines around it."""
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> float:
+    try:
+        return run(cfg)
+    except (MetarunError, OmegaConfBaseException) as exc:
+        log.error("%s", _one_line(exc))  # into the run folder's log too
+        raise _UserError(exc) from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """A Hydra / OmegaConf / metarun error as one readable line."""
+    inner = exc
+    while inner is not None:  # a metarun error raised inside a resolver: report it, not the wrapper
+        if isinstance(inner, MetarunError):
+            return str(inner)
+        inner = inner.__cause__ or inner.__context__
+    parts = [str(exc)]
+    if exc.__cause__ is not None and isinstance(exc.__cause__, OmegaConfBaseException):
+        parts.append(str(exc.__cause__))
+    text = " ".join(parts)
+    text = text.split("Config search path:")[0]
+    text = re.sub(r"\s*object_type=\S+", "", text)
+    text = re.sub(r"\s*\n\s*", " ", text).strip()
+    return text.replace("Available options in", "available options in").replace(": \t", ": ")
+
+
+def main() -> None:
+    """Console-script entry: Hydra does the work; user errors become one line and exit 2."""
+    _register()
+    full_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's printer
+    try:
+        hydra_main()
+    except (_UserError, MetarunError, HydraException, OmegaConfBaseException) as exc:
+        if isinstance(exc, _UserError):
+            exc = exc.args[0]
+        if full_trace:
+            raise exc
+        print(f"metarun: error: {_one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as exc:
+        print(f"metarun: interrupted ({exc or 'SIGINT'}); the last checkpoint is in the run folder", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""Plain network modules; no meta-learning logic lives here."""
+
+from metarun.models.mlp import MLP
+
+__all__ = ["MLP"]

@@ -1,0 +1,1 @@
+"""Task families: each samples meta-batches of support / query sets."""

@@ -1,0 +1,301 @@
+"""Supervised meta-training (regression and classification): set up, train, evaluate.
+
+Reads top to bottom like a script, in named stages:
+
+1. ``setup``       device, seeds, the task family, model, optimizer, RNG streams
+2. ``resume``      load the last checkpoint of a run and continue it exactly
+3. ``train``       the meta-training loop: progress bar, TensorBoard, validation, checkpoints
+4. ``evaluate``    the paper protocol on held-out test tasks -> results.json and a table
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from metarun.meta import adaptation_curve, meta_loss, resolve_batching
+from metarun.utils import checkpoint
+from metarun.utils.errors import DivergedError
+from metarun.utils.runtime import resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """Everything the stages share."""
+
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    task: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    generators: dict[str, torch.Generator]
+    batching: str
+    iteration: int = 0
+
+
+# --- 1. set-up ------------------------------------------------------------------------------------
+
+
+def setup(cfg: DictConfig, run_dir: Path) -> Run:
+    """Build the task family, model and optimizer, seeded from ``cfg.seed``."""
+    device = resolve_device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    torch.set_num_threads(cfg.trainer.num_threads)
+    seed_everything(cfg.seed)
+    task = instantiate(cfg.task, device=device, dtype=dtype)
+    model = instantiate(cfg.model).to(device=device, dtype=dtype)
+    optimizer = instantiate(cfg.algorithm.outer_optimizer)(model.parameters())
+    # Training tasks come from their own generator, on the device, so the stream is
+    # checkpointed and resumed exactly and does not depend on anything else drawing numbers.
+    train_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    batching = resolve_batching(cfg.algorithm.batching, device, model)
+    log.info("device=%s batching=%s (%s requested) parameters=%d", device, batching,
+             cfg.algorithm.batching, sum(p.numel() for p in model.parameters()))
+    return Run(cfg, run_dir, device, task, model, optimizer, {"train": train_gen}, batching)
+
+
+def fixed_generator(run: Run, seed: int) -> torch.Generator:
+    """A generator for a fixed task set (validation, test), apart from the training stream."""
+    return torch.Generator(device=run.device).manual_seed(seed)
+
+
+# --- 2. checkpoints and resume --------------------------------------------------------------------
+
+
+def save(run: Run, name: str = checkpoint.LAST) -> Path:
+    state = {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "iteration": run.iteration,
+        "rng": checkpoint.rng_state(run.generators),
+        "config": OmegaConf.to_container(run.cfg, resolve=True),
+        "batching": run.batching,
+    }
+    return checkpoint.save_atomic(state, run.run_dir / checkpoint.CHECKPOINT_DIR / name)
+
+
+def restore(run: Run, state: dict) -> None:
+    """Put a run back exactly where ``state`` was saved."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.iteration = state["iteration"]
+    checkpoint.set_rng_state(state["rng"], run.generators)
+
+
+# --- 3. training ----------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM: finish the current iteration, checkpoint, stop. A second Ctrl-C aborts."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+
+@contextmanager
+def stop_on_signals():
+    handler, previous = StopRequest(), {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. some launchers): no handler, no harm
+            pass
+    try:
+        yield handler
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def meta_step(run: Run, tasks) -> torch.Tensor:
+    """One outer step on a meta-batch; returns the mean query loss (detached)."""
+    alg = run.cfg.algorithm
+    params = dict(run.model.named_parameters())
+    out = meta_loss(run.model, params, tasks, run.task.loss_fn, alg.inner_lr, alg.inner_steps,
+                    alg.first_order, run.batching)
+    run.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    run.optimizer.step()
+    return out.loss.detach()
+
+
+def validate(run: Run, writer: SummaryWriter, val_tasks) -> dict[str, float]:
+    """Metric on the fixed validation tasks after 0..test_inner_steps inner steps."""
+    alg = run.cfg.algorithm
+    curve = adaptation_curve(run.model, dict(run.model.named_parameters()), val_tasks, run.task.loss_fn,
+                             run.task.metric_fn, alg.inner_lr, alg.test_inner_steps).mean(dim=1)
+    name = run.task.metric_name
+    steps = sorted({0, alg.inner_steps, *run.cfg.trainer.report_steps})
+    scores = {f"{name}_after_{s}_steps": float(curve[s]) for s in steps}
+    for key, value in scores.items():
+        writer.add_scalar(f"val/{key}", value, run.iteration)
+    if hasattr(run.task, "figure"):
+        gen = fixed_generator(run, run.cfg.trainer.val_seed + 1)
+        fig = run.task.figure(run.model, dict(run.model.named_parameters()), gen, run.task.shots, alg.inner_lr)
+        writer.add_figure("val/adaptation", fig, run.iteration)
+    return scores
+
+
+def hparams_markdown(cfg: DictConfig) -> str:
+    flat = OmegaConf.to_container(cfg, resolve=True)
+    rows = []
+
+    def walk(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                rows.append(f"|{prefix}{key}|{value}|")
+
+    walk(flat)
+    return "|key|value|\n|-|-|\n" + "\n".join(rows)
+
+
+def train(run: Run) -> None:
+    """The meta-training loop, from ``run.iteration`` to ``trainer.iterations``."""
+    cfg, tr = run.cfg, run.cfg.trainer
+    writer = SummaryWriter(run.run_dir / "tb", purge_step=run.iteration or None)
+    if run.iteration == 0:
+        writer.add_text("hparams", hparams_markdown(cfg), 0)
+    val_tasks = run.task.sample(tr.val_tasks, run.task.shots, run.task.test_queries,
+                                fixed_generator(run, tr.val_seed)).tasks
+    # Non-finite losses are tracked on the device (no sync per iteration) and checked at every
+    # log and checkpoint, so a NaN never reaches a saved checkpoint.
+    first_bad = torch.tensor(-1, device=run.device)
+    loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)
+    last_good = run.iteration
+    bar = tqdm(total=tr.iterations, initial=run.iteration, disable=not tr.progress, desc="meta-train",
+               dynamic_ncols=True, mininterval=0.5)
+    with stop_on_signals() as stop, logging_redirect_tqdm():
+        while run.iteration < tr.iterations and not stop.requested:
+            batch = run.task.sample(cfg.algorithm.meta_batch_size, run.task.shots, run.task.queries,
+                                    run.generators["train"])
+            loss = meta_step(run, batch.tasks)
+            bad = ~torch.isfinite(loss)
+            first_bad = torch.where(bad & (first_bad < 0), run.iteration + 1, first_bad)
+            loss_sum += loss
+            run.iteration += 1
+            bar.update()
+            at = run.iteration
+            if at % tr.log_interval == 0 or at % tr.checkpoint_interval == 0 or at == tr.iterations:
+                if first_bad.item() >= 0:
+                    bar.close()
+                    raise DivergedError(
+                        f"non-finite meta-loss at iteration {first_bad.item()}; stopped. Last good "
+                        f"checkpoint: iteration {last_good} in {run.run_dir / checkpoint.CHECKPOINT_DIR}")
+                if at % tr.log_interval == 0:
+                    mean = loss_sum.item() / tr.log_interval
+                    loss_sum.zero_()
+                    writer.add_scalar("train/query_loss", mean, at)
+                    writer.add_scalar("train/iterations_per_s", bar.format_dict["rate"] or 0.0, at)
+                    bar.set_postfix(loss=f"{mean:.4f}")
+            if at % tr.val_interval == 0 or at == tr.iterations:
+                scores = validate(run, writer, val_tasks)
+                log.info("iteration %d validation %s", at, " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+            if at % tr.checkpoint_interval == 0 or at == tr.iterations:
+                save(run)
+                last_good = at
+    bar.close()
+    writer.close()
+    if stop.requested:
+        if first_bad.item() < 0:
+            path = save(run)
+            log.info("%s received: saved %s at iteration %d", stop.requested, path, run.iteration)
+        raise KeyboardInterrupt(stop.requested)
+
+
+# --- 4. evaluation --------------------------------------------------------------------------------
+
+
+def mean_ci(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and the 95 % confidence half-width 1.96 sigma / sqrt(n) (paper protocol)."""
+    values = values.double()
+    return float(values.mean()), float(1.96 * values.std(unbiased=True) / math.sqrt(values.numel()))
+
+
+
+
+def evaluate(run: Run, chunk: int = 100) -> dict:
+    """The paper protocol: ``trainer.test_tasks`` held-out tasks from a fixed seed, the metric on
+    each task's query set after every report step, mean +- 95 % CI; for each test K."""
+    cfg, tr, alg = run.cfg, run.cfg.trainer, run.cfg.algorithm
+    name = run.task.metric_name
+    params = dict(run.model.named_parameters())
+    results = {"task": cfg.task.name, "iteration": run.iteration, "test_tasks": tr.test_tasks,
+               "test_seed": tr.test_seed, "inner_lr": alg.inner_lr, "metric": name, "results": {}, "curve": {}}
+    for shots in run.task.test_shots:
+        # all test tasks drawn at once from the fixed seed, so the set never depends on `chunk`
+        tasks = run.task.sample(tr.test_tasks, shots, run.task.test_queries, fixed_generator(run, tr.test_seed)).tasks
+        per_task = [
+            adaptation_curve(run.model, params, type(tasks)(*(t[i:i + chunk] for t in tasks)), run.task.loss_fn,
+                             run.task.metric_fn, alg.inner_lr, alg.test_inner_steps)
+            for i in range(0, tr.test_tasks, chunk)
+        ]
+        curve = torch.cat(per_task, dim=1)  # [steps + 1, tasks]
+        key = f"{shots}-shot"
+        results["results"][key] = {
+            f"after_{s}_steps": dict(zip(("mean", "ci95"), mean_ci(curve[s]))) for s in tr.report_steps}
+        results["curve"][key] = [float(v) for v in curve.double().mean(dim=1)]
+    return results
+
+
+def results_table(results: dict) -> str:
+    steps = list(next(iter(results["results"].values())))
+    head = f"{results['task']} test {results['metric']} ({results['test_tasks']} tasks, mean +- 95% CI)"
+    lines = [head, "shots  " + "  ".join(f"{s.replace('after_', '').replace('_steps', ' steps'):>17}" for s in steps)]
+    for shots, row in results["results"].items():
+        cells = "  ".join(f"{v['mean']:>9.4f} +- {v['ci95']:.3f}" for v in row.values())
+        lines.append(f"{shots:<6} {cells}")
+    return "\n".join(lines)
+
+
+def write_results(run: Run, results: dict) -> Path:
+    path = run.run_dir / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# --- entry ----------------------------------------------------------------------------------------
+
+
+def objective(results: dict) -> float:
+    """The number sweeps optimise: the first report step at the first test K."""
+    first = next(iter(results["results"].values()))
+    return next(iter(first.values()))["mean"]
+
+
+def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, eval_only: bool = False) -> dict:
+    """Train (or continue) and evaluate; returns the results dict (also in results.json)."""
+    run = setup(cfg, run_dir)
+    if state is not None:
+        restore(run, state)
+        log.info("resumed from iteration %d", run.iteration)
+    if not eval_only:
+        train(run)
+    results = evaluate(run)
+    path = write_results(run, results)
+    print(results_table(results))
+    log.info("results written to %s", path)
+    return results

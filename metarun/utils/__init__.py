@@ -1,0 +1,1 @@
+"""Helpers shared by the trainers: checkpoints, logging, devices, errors."""

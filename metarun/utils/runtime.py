@@ -1,0 +1,62 @@
+"""Run set-up shared by trainers: device, seeds, threads, and the run folder's provenance."""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from metarun.utils.errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; an explicit CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available here (use device=cpu or auto)")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def versions() -> dict[str, str]:
+    """Versions that decide a run's numbers."""
+    import hydra
+    import omegaconf
+
+    from metarun import __version__
+
+    out = {
+        "metarun": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "hydra": hydra.__version__,
+        "omegaconf": omegaconf.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda or "none",
+    }
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def write_provenance(cfg: DictConfig, run_dir: Path, extra: dict | None = None) -> None:
+    """Save the resolved config and the versions in the run folder (besides Hydra's .hydra/)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    info = {"versions": versions(), "seed": int(cfg.seed), "argv": sys.argv, **(extra or {})}
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")

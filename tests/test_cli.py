@@ -1,0 +1,138 @@
+"""The ``metarun`` command end to end, as a user types it (subprocesses, debug=smoke sizes)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.smoke
+
+
+def only_run_dir(root: Path) -> Path:
+    runs = [p for p in (root / "outputs" / "runs").iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("metarun: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_smoke_run_writes_a_complete_run_folder(cli):
+    proc = cli("debug=smoke")
+    assert proc.returncode == 0, proc.stderr
+    run = only_run_dir(cli.cwd)
+    for name in ["config.yaml", "run_info.json", "results.json", ".hydra/config.yaml", "checkpoints/last.pt"]:
+        assert (run / name).is_file(), name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["seed"] == 0 and info["versions"]["torch"] == torch.__version__
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["results"]) == {"5-shot", "10-shot"}
+    assert set(results["results"]["5-shot"]) == {"after_1_steps", "after_5_steps", "after_10_steps"}
+    assert results["test_tasks"] == 8 and len(results["curve"]["5-shot"]) == 11
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert state["iteration"] == 6 and state["config"]["trainer"]["iterations"] == 6
+    assert "5-shot" in proc.stdout and "+-" in proc.stdout  # the printed table
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_python_dash_m_and_console_script_agree(cli):
+    script = Path(sys.executable).with_name("metarun")
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=cli.cwd)
+    assert proc.returncode == 0 and "task: sinusoid" in proc.stdout
+    assert cli("--help").stdout == proc.stdout
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["task=nosuchtask"], ["task/nosuchtask", "sinusoid"]),
+    (["model=nosuchmodel"], ["model/nosuchmodel"]),
+    (["algorithm.inner_lrr=0.1"], ["algorithm.inner_lrr"]),
+    (["algorithm.inner_lr=abc"], ["algorithm.inner_lr"]),
+    (["algorithm.inner_lr=-0.5"], ["algorithm.inner_lr must be > 0"]),
+    (["task.shots=0"], ["task.shots must be >= 1"]),
+    (["resume=does/not/exist"], ["checkpoint not found: does/not/exist"]),
+    (["evaluate=does/not/exist.pt"], ["checkpoint not found"]),
+])
+def test_bad_input_is_one_line_and_exit_2(cli, args, fragments):
+    assert_one_line_error(cli(*args), *fragments)
+
+
+def test_truncated_checkpoint_is_reported_and_left_alone(cli):
+    assert cli("debug=smoke").returncode == 0
+    run = only_run_dir(cli.cwd)
+    ckpt = run / "checkpoints" / "last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    before = ckpt.read_bytes()
+    for key in ("resume", "evaluate"):
+        assert_one_line_error(cli(f"{key}={run}"), "unreadable", "last.pt")
+    assert ckpt.read_bytes() == before
+
+
+def test_resume_continues_in_the_same_folder_and_evaluate_writes_results(cli):
+    assert cli("debug=smoke", "seed=3").returncode == 0
+    run = only_run_dir(cli.cwd)
+    proc = cli(f"resume={run}", "trainer.iterations=9")
+    assert proc.returncode == 0, proc.stderr
+    assert only_run_dir(cli.cwd) == run
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert state["iteration"] == 9 and state["config"]["seed"] == 3
+    (run / "results.json").unlink()
+    proc = cli(f"evaluate={run / 'checkpoints' / 'last.pt'}")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "results.json").read_text())["iteration"] == 9
+    assert_one_line_error(cli(f"resume={run}", "task=sinusoid"), "task=sinusoid")
+    assert_one_line_error(cli(f"resume={run}", f"evaluate={run}"), "not both")
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_nonzero(cli):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metarun", "trainer.iterations=1000000", "trainer.progress=false",
+         "trainer.checkpoint_interval=1000000", "trainer.val_interval=1000000"],
+        cwd=cli.cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((cli.cwd / "outputs").rglob("tb/events*")):
+        time.sleep(0.2)
+    time.sleep(1.0)  # let it train a little
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    state = torch.load(only_run_dir(cli.cwd) / "checkpoints" / "last.pt", weights_only=False)
+    assert state["iteration"] > 0
+    assert "interrupted (SIGTERM)" in err
+
+
+def test_multirun_gives_each_job_a_folder_named_by_its_overrides(cli):
+    proc = cli("-m", "debug=smoke", "trainer.test_tasks=4", "algorithm.inner_lr=0.001,0.01",
+               "hydra.sweep.dir=sweep")
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in (cli.cwd / "sweep").iterdir() if p.is_dir())
+    assert names == [
+        "algorithm.inner_lr=0.001,debug=smoke,trainer.test_tasks=4",
+        "algorithm.inner_lr=0.01,debug=smoke,trainer.test_tasks=4",
+    ]
+    for name in names:
+        results = json.loads((cli.cwd / "sweep" / name / "results.json").read_text())
+        assert results["inner_lr"] == float(name.split(",")[0].split("=")[1])
+
+
+def test_runs_from_any_directory(tmp_path):
+    sub = tmp_path / "deep" / "er"
+    sub.mkdir(parents=True)
+    assert run_cli(["debug=smoke"], sub).returncode == 0
+    assert (sub / "outputs" / "runs").is_dir()

@@ -1,0 +1,106 @@
+"""Every config file composes against its schema; bad values fail with a clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from metarun.cli import CONFIG_DIR
+from metarun.config import validate
+from metarun.utils.errors import ConfigError
+from tests.conftest import compose_config
+
+pytestmark = pytest.mark.configs
+
+GROUPS = ["task", "model", "algorithm", "trainer", "experiment", "sweep", "debug"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_config_file_composes_and_validates(group, option):
+    cfg = compose_config(f"{group}={option}")
+    validate(cfg)
+    assert cfg.task.name and cfg.trainer.name
+
+
+def test_every_group_has_files():
+    for group in GROUPS:
+        assert options(group), f"configs/{group}/ is empty"
+
+
+def test_default_is_the_paper_sinusoid_setup():
+    cfg = compose_config()
+    assert cfg.task.name == "sinusoid" and cfg.task.shots == 10
+    assert list(cfg.model.hidden_sizes) == [40, 40] and cfg.model.activation == "relu"
+    assert cfg.algorithm.inner_lr == 0.01 and cfg.algorithm.inner_steps == 1
+    assert cfg.algorithm.meta_batch_size == 25 and cfg.algorithm.outer_optimizer.lr == 0.001
+    assert cfg.trainer.iterations == 70000 and cfg.trainer.test_tasks == 600
+
+
+def test_fomaml_is_maml_with_first_order():
+    cfg = compose_config("algorithm=fomaml")
+    assert cfg.algorithm.first_order is True and cfg.algorithm.inner_lr == 0.01
+
+
+def test_command_line_model_wins_over_task_preset():
+    cfg = compose_config("task=sinusoid", "model.hidden_sizes=[8]")
+    assert list(cfg.model.hidden_sizes) == [8]
+
+
+@pytest.mark.parametrize("override", ["task.shotz=3", "algorithm.inner_lrr=0.1"])
+def test_misspelt_key_fails_at_composition(override):
+    with pytest.raises(ConfigCompositionException, match=override.split("=")[0].replace(".", r"\.")):
+        compose_config(override)
+
+
+@pytest.mark.parametrize("override", ["algorithm.inner_lr=abc", "trainer.iterations=many", "task.shots=2.5"])
+def test_wrong_type_fails_at_composition(override):
+    with pytest.raises(ConfigCompositionException):
+        compose_config(override)
+
+
+def test_unknown_group_option_fails():
+    with pytest.raises(ConfigCompositionException, match="task/nonexistent"):
+        compose_config("task=nonexistent")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("algorithm.inner_lr=-0.1", "algorithm.inner_lr"),
+    ("algorithm.inner_lr=0", "algorithm.inner_lr"),
+    ("algorithm.inner_steps=-1", "algorithm.inner_steps"),
+    ("algorithm.outer_optimizer.lr=-1e-3", "algorithm.outer_optimizer.lr"),
+    ("algorithm.meta_batch_size=0", "algorithm.meta_batch_size"),
+    ("algorithm.batching=pmap", "algorithm.batching"),
+    ("task.shots=0", "task.shots"),
+    ("task.queries=0", "task.queries"),
+    ("task.test_shots=[0]", "task.test_shots"),
+    ("trainer.test_tasks=1", "trainer.test_tasks"),
+    ("trainer.log_interval=0", "trainer.log_interval"),
+    ("trainer.report_steps=[20]", "trainer.report_steps"),
+    ("device=tpu", "device"),
+])
+def test_out_of_range_values_name_the_key(override, key):
+    cfg = compose_config(override)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_every_yaml_key_is_commented():
+    """Each key line in a config file carries a comment saying why it has its value."""
+    missing = []
+    for path in Path(CONFIG_DIR).rglob("*.yaml"):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            s = line.strip()
+            if not s or s.startswith(("#", "-")) or ":" not in s:
+                continue
+            key, _, value = s.partition(":")
+            if key in ("defaults", "hydra", "run", "sweep", "job", "config", "override_dirname", "sweeper", "params"):
+                continue
+            if value.strip() and "#" not in value and not s.startswith(("_target_", "_partial_", "name:")):
+                missing.append(f"{path.relative_to(CONFIG_DIR)}:{n}: {s}")
+    assert not missing, "keys without a comment:\n" + "\n".join(missing)

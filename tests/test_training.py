@@ -1,0 +1,129 @@
+"""The trainer in-process: exact resume, NaN handling, evaluation protocol, atomic checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from metarun.trainers import supervised as sup
+from metarun.utils import checkpoint
+from metarun.utils.errors import CheckpointError, DivergedError
+from tests.conftest import compose_config
+
+pytestmark = pytest.mark.smoke
+
+
+def small_cfg(*overrides):
+    return compose_config("debug=smoke", "device=cpu", *overrides)
+
+
+def params_of(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_resume_is_exact(tmp_path, batching):
+    """2N iterations straight == N iterations, stop, resume, N more: identical parameters."""
+    n = 6
+    common = (f"algorithm.batching={batching}", "trainer.checkpoint_interval=3", "trainer.val_interval=4")
+    straight = tmp_path / "straight"
+    sup.run_supervised(small_cfg(f"trainer.iterations={2 * n}", *common), straight)
+
+    split = tmp_path / "split"
+    sup.run_supervised(small_cfg(f"trainer.iterations={n}", *common), split)
+    state = checkpoint.load(split)
+    assert state["iteration"] == n
+    resumed_cfg = small_cfg(f"trainer.iterations={2 * n}", *common)
+    sup.run_supervised(resumed_cfg, split, state=state)
+
+    a, b = params_of(straight), params_of(split)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    first = torch.load(straight / "checkpoints" / "last.pt", weights_only=False)
+    second = torch.load(split / "checkpoints" / "last.pt", weights_only=False)
+    assert first["iteration"] == second["iteration"] == 2 * n
+    # and it differs from a run that was not resumed from its own state (the test can fail)
+    other = tmp_path / "other"
+    sup.run_supervised(small_cfg(f"trainer.iterations={2 * n}", "seed=1", *common), other)
+    assert not all(torch.equal(a[k], params_of(other)[k]) for k in a)
+
+
+def test_nan_loss_stops_names_iteration_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = small_cfg("trainer.iterations=10", "trainer.checkpoint_interval=2", "trainer.log_interval=1")
+    original = sup.meta_step
+    calls = {"n": 0}
+
+    def poisoned(run, tasks):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the 5th iteration produces a NaN loss
+            tasks = tasks._replace(query_y=tasks.query_y * float("nan"))
+        return original(run, tasks)
+
+    monkeypatch.setattr(sup, "meta_step", poisoned)
+    with pytest.raises(DivergedError, match="iteration 5") as info:
+        sup.run_supervised(cfg, tmp_path)
+    assert "iteration 4" in str(info.value)
+    state = checkpoint.load(tmp_path)
+    assert state["iteration"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_evaluation_follows_the_protocol(tmp_path):
+    cfg = small_cfg("trainer.iterations=2", "trainer.test_tasks=30", "trainer.report_steps=[0,1,10]")
+    results = sup.run_supervised(cfg, tmp_path)
+    assert results["test_tasks"] == 30
+    row = results["results"]["5-shot"]
+    assert set(row) == {"after_0_steps", "after_1_steps", "after_10_steps"}
+    # the same evaluation again gives the same numbers: the test tasks come from a fixed seed
+    run = sup.setup(cfg, tmp_path)
+    run.model.load_state_dict(checkpoint.load(tmp_path)["model"])
+    again = sup.evaluate(run, chunk=7)  # chunking must not change anything
+    for key in row:
+        assert again["results"]["5-shot"][key]["mean"] == pytest.approx(row[key]["mean"], rel=1e-5)
+    # and the mean / CI are computed as documented from per-task values
+    tasks = run.task.sample(30, 5, run.task.test_queries, sup.fixed_generator(run, cfg.trainer.test_seed)).tasks
+    params = {k: p.detach() for k, p in run.model.named_parameters()}
+    pre = torch.stack([((torch.func.functional_call(run.model, params, (qx,)) - qy) ** 2).mean()
+                       for qx, qy in zip(tasks.query_x, tasks.query_y)]).double()
+    assert row["after_0_steps"]["mean"] == pytest.approx(float(pre.mean()), rel=1e-5)
+    assert row["after_0_steps"]["ci95"] == pytest.approx(float(1.96 * pre.std() / math.sqrt(30)), rel=1e-4)
+
+
+def test_mean_ci():
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    mean, ci = sup.mean_ci(values)
+    assert mean == 2.5
+    assert ci == pytest.approx(1.96 * math.sqrt(5 / 3) / 2)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic({"a": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_atomic({"a": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_unreadable_or_foreign_checkpoints_raise_one_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        checkpoint.load(bad)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": 1}, foreign)
+    with pytest.raises(CheckpointError, match="not a metarun checkpoint"):
+        checkpoint.load(foreign)
+    with pytest.raises(CheckpointError, match="no checkpoint in run folder"):
+        checkpoint.load(tmp_path)
