@@ -1,0 +1,1 @@
+"""Datasets on disk: finding, checking, downloading and caching them as uint8 tensors."""

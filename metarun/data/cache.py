@@ -1,0 +1,57 @@
+"""Where datasets and their caches live, and writing a cache so that it is never half-written.
+
+The raw data folder may be read-only (it is in CI), so preprocessed caches go to a separate,
+writable cache folder:
+
+* data:  ``task.data_dir``  (default ``$METARUN_DATA_DIR``, else ``./data``)
+* cache: ``task.cache_dir`` (default ``$METARUN_CACHE_DIR``, else ``~/.cache/metarun``)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metarun.utils.errors import MetarunError
+
+
+class DataError(MetarunError):
+    """A dataset is missing, incomplete or corrupt; the message names the file or setting."""
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("METARUN_DATA_DIR", "data")).expanduser()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("METARUN_CACHE_DIR", "~/.cache/metarun")).expanduser()
+
+
+def save_cache(obj: Any, path: Path) -> Path:
+    """``torch.save`` to a temp file beside ``path``, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_cache(path: Path) -> Any | None:
+    """The cached object, or None when there is none or it cannot be read (it is rebuilt)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception:
+        return None
