@@ -70,9 +70,9 @@ def compose(*overrides: str) -> DictConfig:
         return hydra_compose("config", overrides=list(overrides))
 
 
-def _saved_config(target: str) -> tuple[DictConfig, dict]:
+def _saved_config(target: str, name: str) -> tuple[DictConfig, dict]:
     """The checkpointed run's own config, with the command line's ``key=value`` overrides on top."""
-    state = checkpoint.load(target)
+    state = checkpoint.load(target, name=name)
     saved = OmegaConf.create(state["config"])
     for override in OverridesParser.create().parse_overrides(HydraConfig.get().overrides.task):
         key = override.key_or_group
@@ -92,16 +92,19 @@ def run(cfg: DictConfig) -> float:
     if cfg.resume and cfg.evaluate:
         raise ConfigError("give resume=... or evaluate=..., not both")
     state = None
-    target = cfg.resume or cfg.evaluate
+    target, eval_only = cfg.resume or cfg.evaluate, bool(cfg.evaluate)
     if target:
-        cfg, state = _saved_config(target)
+        # resume continues last.pt; evaluate of a run folder tests best.pt when there is one
+        best = Path(target) / checkpoint.CHECKPOINT_DIR / checkpoint.BEST
+        name = checkpoint.BEST if cfg.evaluate and best.is_file() else checkpoint.LAST
+        cfg, state = _saved_config(target, name)
     validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     write_provenance(cfg, run_dir) if not target else None
     trainer = TRAINERS.get(cfg.trainer.name)
     if trainer is None:
         raise ConfigError(f"unknown trainer '{cfg.trainer.name}' (known: {', '.join(sorted(TRAINERS))})")
-    return trainer(cfg, run_dir, state=state, eval_only=bool(cfg.evaluate))
+    return trainer(cfg, run_dir, state=state, eval_only=eval_only)
 
 
 class _UserError(BaseException):

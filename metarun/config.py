@@ -77,6 +77,7 @@ class SupervisedTrainerConfig:
     report_steps: list[int] = field(default_factory=lambda: [1, 5, 10])
     num_threads: int = 1
     progress: bool = True
+    evaluate_best: bool = True
 
 
 @dataclass

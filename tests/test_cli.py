@@ -76,12 +76,15 @@ def test_bad_input_is_one_line_and_exit_2(cli, args, fragments):
 def test_truncated_checkpoint_is_reported_and_left_alone(cli):
     assert cli("debug=smoke").returncode == 0
     run = only_run_dir(cli.cwd)
-    ckpt = run / "checkpoints" / "last.pt"
-    ckpt.write_bytes(ckpt.read_bytes()[:1000])
-    before = ckpt.read_bytes()
-    for key in ("resume", "evaluate"):
-        assert_one_line_error(cli(f"{key}={run}"), "unreadable", "last.pt")
-    assert ckpt.read_bytes() == before
+    before = {}
+    for name in ("last.pt", "best.pt"):
+        ckpt = run / "checkpoints" / name
+        ckpt.write_bytes(ckpt.read_bytes()[:1000])
+        before[name] = ckpt.read_bytes()
+    assert_one_line_error(cli(f"resume={run}"), "unreadable", "last.pt")  # resume continues last.pt
+    assert_one_line_error(cli(f"evaluate={run}"), "unreadable", "best.pt")  # evaluate tests best.pt
+    for name, data in before.items():
+        assert (run / "checkpoints" / name).read_bytes() == data
 
 
 def test_resume_continues_in_the_same_folder_and_evaluate_writes_results(cli):

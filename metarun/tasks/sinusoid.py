@@ -63,11 +63,12 @@ class SinusoidTasks:
         return bounds[0] + (bounds[1] - bounds[0]) * u
 
     def sample(
-        self, num_tasks: int, shots: int, queries: int, generator: torch.Generator
+        self, num_tasks: int, shots: int, queries: int, generator: torch.Generator, split: str = "train"
     ) -> SinusoidBatch:
         """Draw ``num_tasks`` tasks with ``shots`` support and ``queries`` query points each.
 
-        Inputs and targets have shape ``[tasks, points, 1]``.
+        Inputs and targets have shape ``[tasks, points, 1]``. Every split draws from the same
+        distribution; validation and test sets differ from training by their generator's seed.
         """
         amplitude = self._uniform((num_tasks, 1, 1), self.amplitude, generator)
         phase = self._uniform((num_tasks, 1, 1), self.phase, generator)
@@ -89,6 +90,10 @@ class SinusoidTasks:
     def metric_fn(outputs: Tensor, targets: Tensor) -> Tensor:
         """Per-task metric: mean squared error on the query set."""
         return ((outputs - targets) ** 2).mean()
+
+    def visualize(self, writer, step: int, model, params, generator: torch.Generator, inner_lr: float) -> None:
+        """Write :meth:`figure` for one validation task to TensorBoard."""
+        writer.add_figure("val/adaptation", self.figure(model, params, generator, self.shots, inner_lr), step)
 
     def figure(self, model, params, generator: torch.Generator, shots: int, inner_lr: float, steps=(1, 10)):
         """A figure like the paper's Figure 2 for one task: true curve, the K points, and the

@@ -46,6 +46,7 @@ class Run:
     generators: dict[str, torch.Generator]
     batching: str
     iteration: int = 0
+    best: float | None = None  # best validation score so far (selects checkpoints/best.pt)
 
 
 # --- 1. set-up ------------------------------------------------------------------------------------
@@ -58,7 +59,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     torch.set_num_threads(cfg.trainer.num_threads)
     seed_everything(cfg.seed)
     task = instantiate(cfg.task, device=device, dtype=dtype)
-    model = instantiate(cfg.model).to(device=device, dtype=dtype)
+    # sizes that follow from the task (e.g. out_features = ways) are passed in, not configured
+    model = instantiate(cfg.model, **getattr(task, "model_kwargs", {})).to(device=device, dtype=dtype)
     optimizer = instantiate(cfg.algorithm.outer_optimizer)(model.parameters())
     # Training tasks come from their own generator, on the device, so the stream is
     # checkpointed and resumed exactly and does not depend on anything else drawing numbers.
@@ -85,6 +87,7 @@ def save(run: Run, name: str = checkpoint.LAST) -> Path:
         "rng": checkpoint.rng_state(run.generators),
         "config": OmegaConf.to_container(run.cfg, resolve=True),
         "batching": run.batching,
+        "best": run.best,
     }
     return checkpoint.save_atomic(state, run.run_dir / checkpoint.CHECKPOINT_DIR / name)
 
@@ -94,6 +97,7 @@ def restore(run: Run, state: dict) -> None:
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.iteration = state["iteration"]
+    run.best = state.get("best")
     checkpoint.set_rng_state(state["rng"], run.generators)
 
 
@@ -149,10 +153,14 @@ def validate(run: Run, writer: SummaryWriter, val_tasks) -> dict[str, float]:
     scores = {f"{name}_after_{s}_steps": float(curve[s]) for s in steps}
     for key, value in scores.items():
         writer.add_scalar(f"val/{key}", value, run.iteration)
-    if hasattr(run.task, "figure"):
-        gen = fixed_generator(run, run.cfg.trainer.val_seed + 1)
-        fig = run.task.figure(run.model, dict(run.model.named_parameters()), gen, run.task.shots, alg.inner_lr)
-        writer.add_figure("val/adaptation", fig, run.iteration)
+    # the checkpoint with the best score after test_inner_steps steps is kept as best.pt
+    score = float(curve[alg.test_inner_steps])
+    sign = 1 if run.task.lower_is_better else -1
+    if math.isfinite(score) and (run.best is None or sign * score < sign * run.best):
+        run.best = score
+        save(run, checkpoint.BEST)
+    gen = fixed_generator(run, run.cfg.trainer.val_seed + 1)
+    run.task.visualize(writer, run.iteration, run.model, dict(run.model.named_parameters()), gen, alg.inner_lr)
     return scores
 
 
@@ -178,7 +186,7 @@ def train(run: Run) -> None:
     if run.iteration == 0:
         writer.add_text("hparams", hparams_markdown(cfg), 0)
     val_tasks = run.task.sample(tr.val_tasks, run.task.shots, run.task.test_queries,
-                                fixed_generator(run, tr.val_seed)).tasks
+                                fixed_generator(run, tr.val_seed), split="val").tasks
     # Non-finite losses are tracked on the device (no sync per iteration) and checked at every
     # log and checkpoint, so a NaN never reaches a saved checkpoint.
     first_bad = torch.tensor(-1, device=run.device)
@@ -245,7 +253,8 @@ def evaluate(run: Run, chunk: int = 100) -> dict:
                "test_seed": tr.test_seed, "inner_lr": alg.inner_lr, "metric": name, "results": {}, "curve": {}}
     for shots in run.task.test_shots:
         # all test tasks drawn at once from the fixed seed, so the set never depends on `chunk`
-        tasks = run.task.sample(tr.test_tasks, shots, run.task.test_queries, fixed_generator(run, tr.test_seed)).tasks
+        tasks = run.task.sample(tr.test_tasks, shots, run.task.test_queries, fixed_generator(run, tr.test_seed),
+                                split="test").tasks
         per_task = [
             adaptation_curve(run.model, params, type(tasks)(*(t[i:i + chunk] for t in tasks)), run.task.loss_fn,
                              run.task.metric_fn, alg.inner_lr, alg.test_inner_steps)
@@ -294,6 +303,12 @@ def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, ev
         log.info("resumed from iteration %d", run.iteration)
     if not eval_only:
         train(run)
+        best = run.run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.BEST
+        if cfg.trainer.evaluate_best and best.is_file():
+            best_state = checkpoint.load(best)
+            run.model.load_state_dict(best_state["model"])
+            run.iteration = best_state["iteration"]
+            log.info("evaluating the best validation checkpoint (iteration %d)", run.iteration)
     results = evaluate(run)
     path = write_results(run, results)
     print(results_table(results))

@@ -20,7 +20,8 @@ import torch
 from metarun.utils.errors import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
-LAST = "last.pt"
+LAST = "last.pt"  # written every trainer.checkpoint_interval iterations, at the end and on Ctrl-C
+BEST = "best.pt"  # the best validation score so far
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
@@ -40,11 +41,11 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """Resolve a run folder or a checkpoint file to the checkpoint file to load."""
+def find_checkpoint(path: str | Path, name: str = LAST) -> Path:
+    """Resolve a run folder (its ``checkpoints/<name>``) or a checkpoint file to the file to load."""
     path = Path(path)
     if path.is_dir():
-        candidate = path / CHECKPOINT_DIR / LAST
+        candidate = path / CHECKPOINT_DIR / name
         if not candidate.is_file():
             raise CheckpointError(f"no checkpoint in run folder {path} (expected {candidate})")
         return candidate
@@ -53,9 +54,9 @@ def find_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load(path: str | Path, map_location: str | torch.device = "cpu", name: str = LAST) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_atomic`; a bad file raises one clear error."""
-    path = find_checkpoint(path)
+    path = find_checkpoint(path, name)
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated zip, pickle garbage, wrong format: all the same to a user
