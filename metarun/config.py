@@ -35,6 +35,31 @@ class SinusoidTaskConfig:
 
 
 @dataclass
+class OmniglotTaskConfig:
+    _target_: str = "metarun.tasks.omniglot.OmniglotTasks"
+    name: str = "omniglot"
+    ways: int = 5
+    shots: int = 1
+    queries: int = 1
+    test_queries: int = 1
+    split: str = "paper"
+    split_seed: int = 1
+    rotations: bool = True
+    data_dir: str = "data"
+    cache_dir: str = "~/.cache/metarun"
+    download: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Conv4Config:
+    _target_: str = "metarun.models.Conv4"
+    hidden: int = 64
+    downsample: str = "stride"
+    blocks: int = 4
+
+
+@dataclass
 class MLPConfig:
     _target_: str = "metarun.models.MLP"
     in_features: int = 1
@@ -94,8 +119,8 @@ class Config:
 
 
 SCHEMAS = {  # (group, key that names the choice) -> {choice: schema}
-    ("task", "name"): {"sinusoid": SinusoidTaskConfig},
-    ("model", "_target_"): {"metarun.models.MLP": MLPConfig},
+    ("task", "name"): {"sinusoid": SinusoidTaskConfig, "omniglot": OmniglotTaskConfig},
+    ("model", "_target_"): {"metarun.models.MLP": MLPConfig, "metarun.models.Conv4": Conv4Config},
     ("trainer", "name"): {"supervised": SupervisedTrainerConfig},
 }
 
@@ -116,7 +141,9 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(group="schema/task", name="sinusoid", node=SinusoidTaskConfig)
+    cs.store(group="schema/task", name="omniglot", node=OmniglotTaskConfig)
     cs.store(group="schema/model", name="mlp", node=MLPConfig)
+    cs.store(group="schema/model", name="conv4", node=Conv4Config)
     cs.store(group="schema/algorithm", name="maml", node=AlgorithmConfig)
     cs.store(group="schema/trainer", name="supervised", node=SupervisedTrainerConfig)
 
@@ -143,6 +170,8 @@ def validate(cfg: DictConfig) -> None:
     need(task.queries >= 1, "task.queries", ">= 1", task.queries)
     if "test_shots" in task:
         need(len(task.test_shots) > 0 and min(task.test_shots) >= 1, "task.test_shots", "a non-empty list of values >= 1", list(task.test_shots))
+    if "ways" in task:
+        need(task.ways >= 2, "task.ways", ">= 2", task.ways)
     if "test_queries" in task:
         need(task.test_queries >= 1, "task.test_queries", ">= 1", task.test_queries)
 

@@ -12,14 +12,30 @@ import pytest
 from metarun.cli import compose
 
 ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("METARUN_DATA_DIR") or ROOT.parent / "shared" / "data")
+
+
+def require_data(path: Path) -> None:
+    """Skip where the shared data is absent on a developer's machine; in CI its absence fails."""
+    if not path.exists():
+        message = f"{path} not found (set METARUN_DATA_DIR to the shared data folder)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
 
 
 compose_config = compose  # the real config exactly as ``metarun`` composes it
 
 
-@pytest.fixture
-def cfg_factory():
-    return compose_config
+@pytest.fixture(scope="session")
+def omniglot_cache(tmp_path_factory) -> Path:
+    """A cache folder holding the real Omniglot preprocessed once for the whole test session."""
+    from metarun.data.omniglot import load_omniglot
+
+    require_data(DATA_DIR / "omniglot" / "images_background.zip")
+    cache_dir = tmp_path_factory.mktemp("omniglot_cache")
+    load_omniglot(DATA_DIR, cache_dir, download=False, progress=False)
+    return cache_dir
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:

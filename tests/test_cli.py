@@ -139,3 +139,14 @@ def test_runs_from_any_directory(tmp_path):
     sub.mkdir(parents=True)
     assert run_cli(["debug=smoke"], sub).returncode == 0
     assert (sub / "outputs" / "runs").is_dir()
+
+
+def test_bench_measures_both_batchings(tmp_path):
+    from metarun import bench
+
+    rows = bench.main(["--configs", "sinusoid", "--devices", "cpu", "--iterations", "3", "--rounds", "1",
+                       "--warmup", "1", "--out", str(tmp_path)])
+    assert {r["batching"] for r in rows} == {"vmap", "loop"}
+    assert all(r["ms_per_iteration"] > 0 and r["auto_picks"] == "vmap" for r in rows)
+    assert [r["speedup_vs_loop"] for r in rows if r["batching"] == "loop"] == [1.0]
+    assert list(tmp_path.glob("bench_*.json"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import os
 import socket
 import threading
 import time
@@ -26,18 +25,17 @@ from PIL import Image
 from metarun.data import omniglot
 from metarun.data.cache import DataError
 from metarun.data.omniglot import OmniglotData, load_omniglot, omniglot_splits, rotate_classes
+from tests.conftest import DATA_DIR, require_data
 
 pytestmark = pytest.mark.unit
 
-DATA_DIR = Path(os.environ.get("METARUN_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 OMNIGLOT_DIR = DATA_DIR / "omniglot"
 
 
 @pytest.fixture(scope="session")
 def real(tmp_path_factory) -> tuple[OmniglotData, Path, float]:
     """The real Omniglot, preprocessed once into a session cache: (data, cache_dir, seconds it took)."""
-    if not (OMNIGLOT_DIR / "images_background.zip").is_file():
-        pytest.skip(f"real Omniglot not found in {OMNIGLOT_DIR} (set METARUN_DATA_DIR)")
+    require_data(OMNIGLOT_DIR / "images_background.zip")
     torch.set_num_threads(1)
     cache_dir = tmp_path_factory.mktemp("omniglot_cache")
     start = time.perf_counter()

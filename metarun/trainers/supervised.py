@@ -241,6 +241,14 @@ def mean_ci(values: torch.Tensor) -> tuple[float, float]:
     return float(values.mean()), float(1.96 * values.std(unbiased=True) / math.sqrt(values.numel()))
 
 
+def summarize(values: torch.Tensor) -> dict:
+    """``mean`` and ``ci95`` over the tasks; where adaptation diverged on some task (a non-finite
+    metric) both are null and ``nonfinite_tasks`` says on how many: no number hides it."""
+    bad = int((~torch.isfinite(values)).sum())
+    mean, ci = mean_ci(values) if bad == 0 else (None, None)
+    return {"mean": mean, "ci95": ci, "nonfinite_tasks": bad}
+
+
 
 
 def evaluate(run: Run, chunk: int = 100) -> dict:
@@ -263,7 +271,7 @@ def evaluate(run: Run, chunk: int = 100) -> dict:
         curve = torch.cat(per_task, dim=1)  # [steps + 1, tasks]
         key = f"{shots}-shot"
         results["results"][key] = {
-            f"after_{s}_steps": dict(zip(("mean", "ci95"), mean_ci(curve[s]))) for s in tr.report_steps}
+            f"after_{s}_steps": summarize(curve[s]) for s in tr.report_steps}
         results["curve"][key] = [float(v) for v in curve.double().mean(dim=1)]
     return results
 
@@ -273,7 +281,8 @@ def results_table(results: dict) -> str:
     head = f"{results['task']} test {results['metric']} ({results['test_tasks']} tasks, mean +- 95% CI)"
     lines = [head, "shots  " + "  ".join(f"{s.replace('after_', '').replace('_steps', ' steps'):>17}" for s in steps)]
     for shots, row in results["results"].items():
-        cells = "  ".join(f"{v['mean']:>9.4f} +- {v['ci95']:.3f}" for v in row.values())
+        cells = "  ".join(f"{v['mean']:>9.4f} +- {v['ci95']:.3f}" if v["mean"] is not None
+                          else f"{'diverged on ' + str(v['nonfinite_tasks']):>17}" for v in row.values())
         lines.append(f"{shots:<6} {cells}")
     return "\n".join(lines)
 
@@ -290,9 +299,10 @@ def write_results(run: Run, results: dict) -> Path:
 
 
 def objective(results: dict) -> float:
-    """The number sweeps optimise: the first report step at the first test K."""
+    """The number sweeps optimise: the first report step at the first test K (NaN if diverged)."""
     first = next(iter(results["results"].values()))
-    return next(iter(first.values()))["mean"]
+    value = next(iter(first.values()))["mean"]
+    return float("nan") if value is None else value
 
 
 def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, eval_only: bool = False) -> dict:
