@@ -6,6 +6,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+# the shared datasets, where a checkout has them beside it (CI does); else metarun's default ./data
+export METARUN_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),$(abspath data))
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test test-slow lint bench clean

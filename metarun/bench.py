@@ -1,9 +1,14 @@
 """``make bench``: milliseconds per meta-iteration and peak memory, vmap vs the per-task loop.
 
+``sampling`` is the share of the iteration spent drawing the meta-batch (tasks generated or
+episodes gathered on the device): it should stay a small fraction.
+
 Both batchings run the real training step (``trainers.supervised.meta_step``) of a composed
 config, in this one process, in alternating rounds, so their ratio is measured side by side.
-Peak memory is the CUDA allocator's peak on a GPU, and on a CPU the growth of the process's peak
-resident set (Linux ``VmHWM``, reset before each measurement).
+Peak memory is the CUDA allocator's peak on a GPU. On a CPU it is measured in a fresh child
+process per batching (a process reuses freed memory, so in-process numbers would hide the
+second one): the growth of the peak resident set (Linux ``VmHWM``) over two training steps,
+above the resident set after set-up (model and dataset loaded).
 
     python -m metarun.bench                       # every benchmark config, CPU and CUDA if present
     python -m metarun.bench --configs sinusoid --iterations 100 --rounds 3
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import time
 from datetime import datetime
@@ -20,31 +26,41 @@ from pathlib import Path
 
 import torch
 
-# name -> Hydra overrides; later issues add their configs here
+# name -> (Hydra overrides, timed iterations per round by default)
 CONFIGS = {
-    "sinusoid": ["experiment=sinusoid_k10"],
+    "sinusoid": (["experiment=sinusoid_k10"], 100),
+    "omniglot_5w1s": (["experiment=omniglot_5w1s", "task.progress=false"], 5),
+    "omniglot_20w1s": (["experiment=omniglot_20w1s", "task.progress=false"], 2),
 }
 
 
-def _reset_peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
+def _cpu_peak_child(overrides: list[str], queue) -> None:
+    """In a fresh process: peak resident-set growth over two training steps, in bytes."""
+    from metarun.cli import compose
+    from metarun.trainers import supervised as sup
+
+    cfg = compose(*overrides)
+    run = sup.setup(cfg, Path("/nonexistent"))
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        return _status_kb("VmRSS") * 1024
+        base = _status_kb("VmRSS")
     except OSError:
-        return 0
+        queue.put(float("nan"))
+        return
+    for _ in range(2):
+        sup.meta_step(run, run.task.sample(cfg.algorithm.meta_batch_size, run.task.shots, run.task.queries,
+                                           run.generators["train"]).tasks)
+    queue.put((_status_kb("VmHWM") - base) * 1024.0)
 
 
-def _peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        return _status_kb("VmHWM") * 1024
-    except OSError:
-        return 0
+def cpu_peak_bytes(overrides: list[str]) -> float:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_cpu_peak_child, args=(overrides, queue))
+    child.start()
+    value = queue.get()
+    child.join()
+    return value
 
 
 def _status_kb(field: str) -> int:
@@ -54,59 +70,69 @@ def _status_kb(field: str) -> int:
     raise OSError(field)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def bench_config(name: str, overrides: list[str], device: str, iterations: int, rounds: int,
-                 warmup: int) -> list[dict]:
+                 warmup: int, memory: bool = True) -> list[dict]:
     """Time vmap and loop on one config and device; returns one row per batching."""
     from metarun.cli import compose
-    from metarun.meta import resolve_batching
     from metarun.trainers import supervised as sup
+    from metarun.trainers.graphed import GraphedMetaStep
 
     cfg = compose(*overrides, f"device={device}")
-    runs = {}
-    for batching in ("loop", "vmap"):
-        run = sup.setup(cfg, Path("/nonexistent"))  # setup writes nothing
-        run.batching = batching
-        runs[batching] = run
-    auto = resolve_batching("auto", runs["vmap"].device, runs["vmap"].model)
+    auto = sup.setup(compose(*overrides, f"device={device}", "algorithm.batching=auto"), Path("/nonexistent")).batching
+    # setup writes nothing to its run folder; each batching gets its own identically seeded run
+    runs = {b: sup.setup(compose(*overrides, f"device={device}", f"algorithm.batching={b}"), Path("/nonexistent"))
+            for b in ("loop", "vmap")}
+    steps = {"loop": sup.meta_step, "vmap": sup.meta_step}
+    if device.startswith("cuda"):  # and the whole step captured in a CUDA graph
+        runs["vmap+graph"] = sup.setup(compose(*overrides, f"device={device}", "algorithm.batching=vmap",
+                                               "trainer.cuda_graph=true"), Path("/nonexistent"))
+        steps["vmap+graph"] = GraphedMetaStep()
     times = {b: [] for b in runs}
+    sampling = dict.fromkeys(runs, 0.0)  # seconds spent drawing meta-batches (inside the timed loop)
     peaks = {}
     for r in range(rounds):
         for batching, run in runs.items():
             for _ in range(warmup if r == 0 else 0):
-                sup.meta_step(run, run.task.sample(cfg.algorithm.meta_batch_size, run.task.shots, run.task.queries,
+                steps[batching](run, run.task.sample(cfg.algorithm.meta_batch_size, run.task.shots, run.task.queries,
                                                    run.generators["train"]).tasks)
-            base = _reset_peak(run.device)
-            _sync(run.device)
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(run.device)
+                base = torch.cuda.memory_allocated(run.device)
             start = time.perf_counter()
             for _ in range(iterations):
+                tick = time.perf_counter()
                 batch = run.task.sample(cfg.algorithm.meta_batch_size, run.task.shots, run.task.queries,
                                         run.generators["train"])
-                sup.meta_step(run, batch.tasks)
-            _sync(run.device)
+                sampling[batching] += time.perf_counter() - tick
+                steps[batching](run, batch.tasks)
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
             times[batching].append((time.perf_counter() - start) / iterations * 1e3)
-            peaks[batching] = max(peaks.get(batching, 0), _peak(run.device) - base)
+            if run.device.type == "cuda":
+                peaks[batching] = max(peaks.get(batching, 0), torch.cuda.max_memory_allocated(run.device) - base)
+    if device == "cpu" and memory:
+        for batching in ("loop", "vmap"):
+            peaks[batching] = cpu_peak_bytes([*overrides, "device=cpu", f"algorithm.batching={batching}"])
     loop_ms = statistics.median(times["loop"])
     rows = []
     for batching in runs:
         ms = statistics.median(times[batching])
         rows.append({"config": name, "device": str(runs[batching].device), "batching": batching,
-                     "auto_picks": auto, "ms_per_iteration": ms, "peak_mb": peaks[batching] / 2**20,
-                     "speedup_vs_loop": loop_ms / ms, "meta_batch_size": cfg.algorithm.meta_batch_size,
+                     "auto_picks": auto, "ms_per_iteration": ms, "peak_mb": peaks.get(batching, float("nan")) / 2**20,
+                     "speedup_vs_loop": loop_ms / ms,
+                     "sampling_share": sampling[batching] / (sum(times[batching]) * iterations / 1e3), "meta_batch_size": cfg.algorithm.meta_batch_size,
                      "first_order": cfg.algorithm.first_order, "threads": torch.get_num_threads()})
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'config':<16}{'device':<8}{'batching':<10}{'ms/iter':>10}{'peak MB':>10}{'vs loop':>9}  auto picks"
+    head = (f"{'config':<16}{'device':<8}{'batching':<12}{'ms/iter':>10}{'peak MB':>10}{'vs loop':>9}"
+            f"{'sampling':>10}  auto picks")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['config']:<16}{r['device']:<8}{r['batching']:<10}{r['ms_per_iteration']:>10.2f}"
-                     f"{r['peak_mb']:>10.1f}{r['speedup_vs_loop']:>8.2f}x  {r['auto_picks']}")
+        lines.append(f"{r['config']:<16}{r['device']:<8}{r['batching']:<12}{r['ms_per_iteration']:>10.2f}"
+                     f"{r['peak_mb']:>10.1f}{r['speedup_vs_loop']:>8.2f}x{r['sampling_share']:>9.1%}  {r['auto_picks']}")
     return "\n".join(lines)
 
 
@@ -114,17 +140,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--devices", nargs="*", default=None, help="default: cpu, and cuda when present")
-    parser.add_argument("--iterations", type=int, default=100, help="timed iterations per round")
+    parser.add_argument("--iterations", type=int, default=None, help="timed iterations per round "
+                        "(default: 100 for sinusoid, fewer for the conv nets)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations before the first round")
     parser.add_argument("--out", default="outputs/bench", help="folder for the JSON record")
+    parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
     args = parser.parse_args(argv)
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     for device in devices:
         for name in args.configs:
             print(f"benchmarking {name} on {device} ...", flush=True)
-            rows += bench_config(name, CONFIGS[name], device, args.iterations, args.rounds, args.warmup)
+            overrides, iterations = CONFIGS[name]
+            rows += bench_config(name, overrides, device, args.iterations or iterations, args.rounds, args.warmup,
+                                 memory=not args.no_memory)
     print(table(rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -116,7 +116,7 @@ class _UserError(BaseException):
 def hydra_main(cfg: DictConfig) -> float:
     try:
         return run(cfg)
-    except (MetarunError, OmegaConfBaseException) as exc:
+    except (MetarunError, HydraException, OmegaConfBaseException) as exc:  # instantiate wraps ours
         log.error("%s", _one_line(exc))  # into the run folder's log too
         raise _UserError(exc) from exc
 

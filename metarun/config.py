@@ -52,11 +52,52 @@ class OmniglotTaskConfig:
 
 
 @dataclass
+class MiniImagenetTaskConfig:
+    _target_: str = "metarun.tasks.miniimagenet.MiniImagenetTasks"
+    name: str = "miniimagenet"
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    test_queries: int = 15
+    data_dir: str = "data"
+    splits_dir: str | None = None
+    cache_dir: str = "~/.cache/metarun"
+    images_per_class: int = 600
+    progress: bool = True
+
+
+@dataclass
 class Conv4Config:
     _target_: str = "metarun.models.Conv4"
     hidden: int = 64
     downsample: str = "stride"
     blocks: int = 4
+
+
+@dataclass
+class Navigation2DTaskConfig:
+    _target_: str = "metarun.envs.navigation2d.Navigation2DTasks"
+    name: str = "navigation2d"
+    horizon: int = 100
+    goal_range: float = 0.5
+    max_action: float = 0.1
+    success_radius: float = 0.01
+
+
+@dataclass
+class LocomotionTaskConfig:
+    _target_: str = "metarun.envs.locomotion.LocomotionTasks"
+    name: str = "halfcheetah_vel"
+    horizon: int = 200
+    num_workers: int = 1
+
+
+@dataclass
+class GaussianPolicyConfig:
+    _target_: str = "metarun.models.GaussianPolicy"
+    hidden_sizes: list[int] = field(default_factory=lambda: [100, 100])
+    activation: str = "relu"
+    init_std: float = 1.0
 
 
 @dataclass
@@ -89,6 +130,36 @@ class AlgorithmConfig:
 
 
 @dataclass
+class RLAlgorithmConfig:
+    name: str = "maml_trpo"
+    inner_lr: float = 0.1
+    inner_steps: int = 1
+    first_order: bool = False
+    trajectories: int = 20
+    meta_batch_size: int = 40
+    discount: float = 0.99
+    gae_lambda: float = 1.0
+    max_kl: float = 0.01
+    cg_iterations: int = 10
+    cg_damping: float = 1e-5
+    backtrack_ratio: float = 0.8
+    line_search_steps: int = 15
+    test_inner_lrs: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.05])
+
+
+@dataclass
+class RLTrainerConfig:
+    name: str = "rl"
+    iterations: int = 500
+    log_interval: int = 1
+    checkpoint_interval: int = 10
+    test_tasks: int = 40
+    test_seed: int = 1_000_003
+    num_threads: int = 1
+    progress: bool = True
+
+
+@dataclass
 class SupervisedTrainerConfig:
     name: str = "supervised"
     iterations: int = 70_000
@@ -103,13 +174,14 @@ class SupervisedTrainerConfig:
     num_threads: int = 1
     progress: bool = True
     evaluate_best: bool = True
+    cuda_graph: bool = False
 
 
 @dataclass
 class Config:
     task: Any = MISSING
     model: Any = MISSING
-    algorithm: AlgorithmConfig = MISSING
+    algorithm: Any = MISSING
     trainer: Any = MISSING
     seed: int = 0
     device: str = "auto"
@@ -118,16 +190,22 @@ class Config:
     evaluate: str | None = None
 
 
+LOCOMOTION = ("halfcheetah_vel", "halfcheetah_dir", "ant_vel", "ant_dir")
+
 SCHEMAS = {  # (group, key that names the choice) -> {choice: schema}
-    ("task", "name"): {"sinusoid": SinusoidTaskConfig, "omniglot": OmniglotTaskConfig},
-    ("model", "_target_"): {"metarun.models.MLP": MLPConfig, "metarun.models.Conv4": Conv4Config},
-    ("trainer", "name"): {"supervised": SupervisedTrainerConfig},
+    ("task", "name"): {"sinusoid": SinusoidTaskConfig, "omniglot": OmniglotTaskConfig,
+                         "miniimagenet": MiniImagenetTaskConfig, "navigation2d": Navigation2DTaskConfig,
+                         **{name: LocomotionTaskConfig for name in LOCOMOTION}},
+    ("model", "_target_"): {"metarun.models.MLP": MLPConfig, "metarun.models.Conv4": Conv4Config,
+                            "metarun.models.GaussianPolicy": GaussianPolicyConfig},
+    ("algorithm", "name"): {"maml": AlgorithmConfig, "fomaml": AlgorithmConfig, "maml_trpo": RLAlgorithmConfig},
+    ("trainer", "name"): {"supervised": SupervisedTrainerConfig, "rl": RLTrainerConfig},
 }
 
 
 def typed(cfg: DictConfig) -> DictConfig:
     """Check a plain config (e.g. one saved in a checkpoint) against the schemas, as composing does."""
-    out = OmegaConf.merge(OmegaConf.structured(Config), {k: v for k, v in cfg.items() if k not in ("task", "model", "trainer")})
+    out = OmegaConf.merge(OmegaConf.structured(Config), {k: v for k, v in cfg.items() if k not in ("task", "model", "algorithm", "trainer")})
     for (group, key), table in SCHEMAS.items():
         choice = cfg[group].get(key)
         if choice not in table:
@@ -142,44 +220,59 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     cs.store(group="schema/task", name="sinusoid", node=SinusoidTaskConfig)
     cs.store(group="schema/task", name="omniglot", node=OmniglotTaskConfig)
+    cs.store(group="schema/task", name="miniimagenet", node=MiniImagenetTaskConfig)
     cs.store(group="schema/model", name="mlp", node=MLPConfig)
     cs.store(group="schema/model", name="conv4", node=Conv4Config)
     cs.store(group="schema/algorithm", name="maml", node=AlgorithmConfig)
     cs.store(group="schema/trainer", name="supervised", node=SupervisedTrainerConfig)
+    cs.store(group="schema/task", name="navigation2d", node=Navigation2DTaskConfig)
+    cs.store(group="schema/task", name="locomotion", node=LocomotionTaskConfig)
+    cs.store(group="schema/model", name="gaussian_policy", node=GaussianPolicyConfig)
+    cs.store(group="schema/algorithm", name="maml_trpo", node=RLAlgorithmConfig)
+    cs.store(group="schema/trainer", name="rl", node=RLTrainerConfig)
 
 
 def validate(cfg: DictConfig) -> None:
     """Range checks a type cannot express; raise :class:`ConfigError` naming the first bad key."""
-    alg = cfg.algorithm
+    alg, task, tr = cfg.algorithm, cfg.task, cfg.trainer
 
     def need(ok: bool, key: str, rule: str, value: Any) -> None:
         if not ok:
             raise ConfigError(f"{key} must be {rule}, got {value!r}")
 
-    need(alg.inner_lr > 0, "algorithm.inner_lr", "> 0", alg.inner_lr)
-    need(alg.inner_steps >= 0, "algorithm.inner_steps", ">= 0", alg.inner_steps)
-    need(alg.test_inner_steps >= 0, "algorithm.test_inner_steps", ">= 0", alg.test_inner_steps)
-    need(alg.meta_batch_size >= 1, "algorithm.meta_batch_size", ">= 1", alg.meta_batch_size)
-    need(alg.outer_optimizer.lr > 0, "algorithm.outer_optimizer.lr", "> 0", alg.outer_optimizer.lr)
-    need(alg.batching in ("auto", "vmap", "loop"), "algorithm.batching", "auto, vmap or loop", alg.batching)
     need(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda"), "device", "auto, cpu or cuda[:N]", cfg.device)
     need(cfg.dtype in ("float32", "float64"), "dtype", "float32 or float64", cfg.dtype)
-
-    task = cfg.task
+    need(alg.inner_lr > 0, "algorithm.inner_lr", "> 0", alg.inner_lr)
+    need(alg.inner_steps >= 0, "algorithm.inner_steps", ">= 0", alg.inner_steps)
+    need(alg.meta_batch_size >= 1, "algorithm.meta_batch_size", ">= 1", alg.meta_batch_size)
+    need(tr.iterations >= 0, "trainer.iterations", ">= 0", tr.iterations)
+    need(tr.test_tasks >= 2, "trainer.test_tasks", ">= 2 (a confidence interval needs two)", tr.test_tasks)
+    for key in ("log_interval", "checkpoint_interval", "num_threads"):
+        need(tr[key] >= 1, f"trainer.{key}", ">= 1", tr[key])
+    if tr.name == "rl":
+        need(alg.name == "maml_trpo", "algorithm", "maml_trpo for an RL task", alg.name)
+        need(alg.trajectories >= 2, "algorithm.trajectories", ">= 2", alg.trajectories)
+        need(0 < alg.discount <= 1, "algorithm.discount", "in (0, 1]", alg.discount)
+        need(0 <= alg.gae_lambda <= 1, "algorithm.gae_lambda", "in [0, 1]", alg.gae_lambda)
+        need(alg.max_kl > 0, "algorithm.max_kl", "> 0", alg.max_kl)
+        need(alg.cg_iterations >= 1, "algorithm.cg_iterations", ">= 1", alg.cg_iterations)
+        need(0 < alg.backtrack_ratio < 1, "algorithm.backtrack_ratio", "in (0, 1)", alg.backtrack_ratio)
+        need(all(lr > 0 for lr in alg.test_inner_lrs), "algorithm.test_inner_lrs", "all > 0", list(alg.test_inner_lrs))
+        need(task.horizon >= 1, "task.horizon", ">= 1", task.horizon)
+        return
+    need(alg.name in ("maml", "fomaml"), "algorithm", "maml or fomaml for a supervised task", alg.name)
+    need(alg.test_inner_steps >= 0, "algorithm.test_inner_steps", ">= 0", alg.test_inner_steps)
+    need(alg.outer_optimizer.lr > 0, "algorithm.outer_optimizer.lr", "> 0", alg.outer_optimizer.lr)
+    need(alg.batching in ("auto", "vmap", "loop"), "algorithm.batching", "auto, vmap or loop", alg.batching)
     need(task.shots >= 1, "task.shots", ">= 1", task.shots)
     need(task.queries >= 1, "task.queries", ">= 1", task.queries)
-    if "test_shots" in task:
-        need(len(task.test_shots) > 0 and min(task.test_shots) >= 1, "task.test_shots", "a non-empty list of values >= 1", list(task.test_shots))
     if "ways" in task:
         need(task.ways >= 2, "task.ways", ">= 2", task.ways)
+    if "test_shots" in task:
+        need(len(task.test_shots) > 0 and min(task.test_shots) >= 1, "task.test_shots", "a non-empty list of values >= 1", list(task.test_shots))
     if "test_queries" in task:
         need(task.test_queries >= 1, "task.test_queries", ">= 1", task.test_queries)
-
-    tr = cfg.trainer
-    need(tr.iterations >= 0, "trainer.iterations", ">= 0", tr.iterations)
-    for key in ("log_interval", "val_interval", "checkpoint_interval", "num_threads"):
-        need(tr[key] >= 1, f"trainer.{key}", ">= 1", tr[key])
-    need(tr.test_tasks >= 2, "trainer.test_tasks", ">= 2 (a confidence interval needs two)", tr.test_tasks)
+    need(tr.val_interval >= 1, "trainer.val_interval", ">= 1", tr.val_interval)
     need(tr.val_tasks >= 1, "trainer.val_tasks", ">= 1", tr.val_tasks)
     bad = [s for s in tr.report_steps if not 0 <= s <= alg.test_inner_steps]
     need(not bad, "trainer.report_steps", f"between 0 and algorithm.test_inner_steps={alg.test_inner_steps}", list(tr.report_steps))

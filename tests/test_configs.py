@@ -21,9 +21,14 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
 
 
+# pieces that only make sense with an RL task are composed with one
+RL_PIECES = {("model", "gaussian_policy"), ("algorithm", "maml_trpo"), ("trainer", "rl")}
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_config_file_composes_and_validates(group, option):
-    cfg = compose_config(f"{group}={option}")
+    companion = ["task=navigation2d"] if (group, option) in RL_PIECES else []
+    cfg = compose_config(*companion, f"{group}={option}")
     validate(cfg)
     assert cfg.task.name and cfg.trainer.name
 
@@ -88,6 +93,13 @@ def test_out_of_range_values_name_the_key(override, key):
     cfg = compose_config(override)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg)
+
+
+def test_mismatched_families_are_refused():
+    with pytest.raises(ConfigError, match="algorithm must be maml or fomaml for a supervised task"):
+        validate(compose_config("task=sinusoid", "algorithm=maml_trpo"))
+    with pytest.raises(ConfigError, match="algorithm must be maml_trpo for an RL task"):
+        validate(compose_config("task=navigation2d", "algorithm=maml"))
 
 
 def test_every_yaml_key_is_commented():

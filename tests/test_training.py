@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from metarun.trainers import supervised as sup
+from metarun.trainers.common import mean_ci
 from metarun.utils import checkpoint
 from metarun.utils.errors import CheckpointError, DivergedError
 from tests.conftest import compose_config
@@ -95,7 +96,7 @@ def test_evaluation_follows_the_protocol(tmp_path):
 
 def test_mean_ci():
     values = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    mean, ci = sup.mean_ci(values)
+    mean, ci = mean_ci(values)
     assert mean == 2.5
     assert ci == pytest.approx(1.96 * math.sqrt(5 / 3) / 2)
 

@@ -1,6 +1,6 @@
 """The functional meta-learning core: inner loop, MAML meta-loss, Hessian-vector products."""
 
-from metarun.meta.hvp import hvp
+from metarun.meta.hvp import hvp, hvp_operator
 from metarun.meta.maml import (
     MetaOutput,
     TaskBatch,
@@ -9,6 +9,7 @@ from metarun.meta.maml import (
     adaptation_curve,
     meta_loss,
     resolve_batching,
+    sgd_steps,
     task_loss,
 )
 
@@ -19,7 +20,9 @@ __all__ = [
     "adapt_autograd",
     "adaptation_curve",
     "hvp",
+    "hvp_operator",
     "meta_loss",
     "resolve_batching",
+    "sgd_steps",
     "task_loss",
 ]

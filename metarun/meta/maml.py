@@ -52,6 +52,23 @@ def task_loss(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss_fn: L
     return loss_fn(functional_call(model, params, (x,)), y)
 
 
+def sgd_steps(loss: Callable[[Params], Tensor], params: Params, lr: float, steps: int,
+              first_order: bool = False) -> Params:
+    """``steps`` differentiable SGD steps on ``loss(params)``, built on ``torch.func.grad``.
+
+    The shared inner loop of every algorithm here (supervised MAML, MAML for RL). The result
+    stays differentiable with respect to ``params`` (second order); ``first_order=True``
+    detaches the inner gradients.
+    """
+    step = grad(loss)
+    for _ in range(steps):
+        grads = step(params)
+        if first_order:
+            grads = {k: g.detach() for k, g in grads.items()}
+        params = {k: p - lr * grads[k] for k, p in params.items()}
+    return params
+
+
 def adapt(
     model: nn.Module,
     params: Params,
@@ -86,13 +103,7 @@ def adapt(
         >>> sorted(fast)
         ['bias', 'weight']
     """
-    inner_grad = grad(lambda p: task_loss(model, p, x, y, loss_fn))
-    for _ in range(inner_steps):
-        grads = inner_grad(params)
-        if first_order:
-            grads = {k: g.detach() for k, g in grads.items()}
-        params = {k: p - inner_lr * grads[k] for k, p in params.items()}
-    return params
+    return sgd_steps(lambda p: task_loss(model, p, x, y, loss_fn), params, inner_lr, inner_steps, first_order)
 
 
 def adapt_autograd(
@@ -190,16 +201,17 @@ def adaptation_curve(
     return vmap(one_task)(*tasks).T
 
 
-def resolve_batching(batching: str, device: torch.device, model: nn.Module) -> str:
-    """Turn ``batching="auto"`` into ``"vmap"`` or ``"loop"``: the faster one measured per device.
+def resolve_batching(batching: str, device: torch.device, model: nn.Module) -> str | None:
+    """Turn ``batching="auto"`` into ``"vmap"`` or ``"loop"`` where the faster one is known.
 
-    On CUDA vmap wins for every model we ship. On a CPU it wins for MLPs (sinusoid: ~4x) but
-    loses for conv nets (conv4 Omniglot: vmap ~2x slower and 8-20x the memory), so a model
-    with a convolution runs the loop there. ``make bench`` measures both.
+    On CUDA vmap wins for every model we ship; on a CPU it wins for MLPs (sinusoid: ~5x). For a
+    conv net on a CPU it depends on the size (measured on 2 cores, one thread: Omniglot 5-way
+    vmap 1.5x faster, 20-way 0.87x), so this returns ``None``: the trainer times both on the first
+    meta-batch and keeps the faster (:func:`metarun.trainers.supervised.measure_batching`).
     """
     if batching != "auto":
         return batching
     if device.type == "cuda":
         return "vmap"
     has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-    return "loop" if has_conv else "vmap"
+    return None if has_conv else "vmap"

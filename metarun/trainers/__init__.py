@@ -14,4 +14,10 @@ def _supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, eval_
     return objective(run_supervised(cfg, run_dir, state, eval_only))
 
 
-TRAINERS = {"supervised": _supervised}
+def _rl(cfg: DictConfig, run_dir: Path, state: dict | None = None, eval_only: bool = False) -> float:
+    from metarun.trainers.rl import run_rl  # imports the environments only when an RL task runs
+
+    return objective(run_rl(cfg, run_dir, state, eval_only))
+
+
+TRAINERS = {"supervised": _supervised, "rl": _rl}

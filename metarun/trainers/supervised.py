@@ -10,11 +10,10 @@ Reads top to bottom like a script, in named stages:
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import math
-import signal
-from contextlib import contextmanager
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +25,10 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metarun.meta import adaptation_curve, meta_loss, resolve_batching
+from metarun.trainers.common import hparams_markdown, results_table, stop_on_signals, summarize, write_results
+from metarun.trainers.graphed import GraphedMetaStep
 from metarun.utils import checkpoint
-from metarun.utils.errors import DivergedError
+from metarun.utils.errors import ConfigError, DivergedError
 from metarun.utils.runtime import resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,9 @@ class Run:
 # --- 1. set-up ------------------------------------------------------------------------------------
 
 
-def setup(cfg: DictConfig, run_dir: Path) -> Run:
-    """Build the task family, model and optimizer, seeded from ``cfg.seed``."""
+def setup(cfg: DictConfig, run_dir: Path, batching: str | None = None) -> Run:
+    """Build the task family, model and optimizer, seeded from ``cfg.seed``; ``batching`` fixes
+    what ``algorithm.batching=auto`` resolved to before (a resumed run keeps its choice)."""
     device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     torch.set_num_threads(cfg.trainer.num_threads)
@@ -61,14 +63,40 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     task = instantiate(cfg.task, device=device, dtype=dtype)
     # sizes that follow from the task (e.g. out_features = ways) are passed in, not configured
     model = instantiate(cfg.model, **getattr(task, "model_kwargs", {})).to(device=device, dtype=dtype)
-    optimizer = instantiate(cfg.algorithm.outer_optimizer)(model.parameters())
+    if cfg.trainer.cuda_graph and device.type != "cuda":
+        raise ConfigError(f"trainer.cuda_graph=true needs a CUDA device, but the run is on {device}")
+    # a CUDA graph replays the optimizer step too: its state must live on the device (capturable)
+    extra = {"capturable": True} if cfg.trainer.cuda_graph else {}
+    optimizer = instantiate(cfg.algorithm.outer_optimizer, **extra)(model.parameters())
     # Training tasks come from their own generator, on the device, so the stream is
     # checkpointed and resumed exactly and does not depend on anything else drawing numbers.
     train_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    batching = resolve_batching(cfg.algorithm.batching, device, model)
-    log.info("device=%s batching=%s (%s requested) parameters=%d", device, batching,
+    run = Run(cfg, run_dir, device, task, model, optimizer, {"train": train_gen}, "")
+    run.batching = (batching or resolve_batching(cfg.algorithm.batching, device, model)
+                    or measure_batching(run))
+    log.info("device=%s batching=%s (%s requested) parameters=%d", device, run.batching,
              cfg.algorithm.batching, sum(p.numel() for p in model.parameters()))
-    return Run(cfg, run_dir, device, task, model, optimizer, {"train": train_gen}, batching)
+    return run
+
+
+def measure_batching(run: Run, seed: int = 12345) -> str:
+    """Time one meta-step of each batching (after a warm-up) on a throwaway copy of the model and
+    a meta-batch from a separate generator, so the run itself is untouched; return the faster."""
+    alg = run.cfg.algorithm
+    gen = torch.Generator(device=run.device).manual_seed(seed)
+    tasks = run.task.sample(alg.meta_batch_size, run.task.shots, run.task.queries, gen).tasks
+    model = copy.deepcopy(run.model)
+    times = {}
+    for batching in ("loop", "vmap"):
+        for _ in range(2):  # the second call is timed
+            start = time.perf_counter()
+            meta_loss(model, dict(model.named_parameters()), tasks, run.task.loss_fn, alg.inner_lr,
+                      alg.inner_steps, alg.first_order, batching).loss.backward()
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            times[batching] = time.perf_counter() - start
+    log.info("batching=auto measured ms/step: loop %.1f, vmap %.1f", times["loop"] * 1e3, times["vmap"] * 1e3)
+    return min(times, key=times.get)
 
 
 def fixed_generator(run: Run, seed: int) -> torch.Generator:
@@ -104,33 +132,6 @@ def restore(run: Run, state: dict) -> None:
 # --- 3. training ----------------------------------------------------------------------------------
 
 
-class StopRequest:
-    """Ctrl-C / SIGTERM: finish the current iteration, checkpoint, stop. A second Ctrl-C aborts."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-
-    def __call__(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-
-@contextmanager
-def stop_on_signals():
-    handler, previous = StopRequest(), {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (e.g. some launchers): no handler, no harm
-            pass
-    try:
-        yield handler
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def meta_step(run: Run, tasks) -> torch.Tensor:
     """One outer step on a meta-batch; returns the mean query loss (detached)."""
     alg = run.cfg.algorithm
@@ -164,21 +165,6 @@ def validate(run: Run, writer: SummaryWriter, val_tasks) -> dict[str, float]:
     return scores
 
 
-def hparams_markdown(cfg: DictConfig) -> str:
-    flat = OmegaConf.to_container(cfg, resolve=True)
-    rows = []
-
-    def walk(node, prefix=""):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                rows.append(f"|{prefix}{key}|{value}|")
-
-    walk(flat)
-    return "|key|value|\n|-|-|\n" + "\n".join(rows)
-
-
 def train(run: Run) -> None:
     """The meta-training loop, from ``run.iteration`` to ``trainer.iterations``."""
     cfg, tr = run.cfg, run.cfg.trainer
@@ -192,13 +178,14 @@ def train(run: Run) -> None:
     first_bad = torch.tensor(-1, device=run.device)
     loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)
     last_good = run.iteration
+    step = GraphedMetaStep() if tr.cuda_graph else meta_step
     bar = tqdm(total=tr.iterations, initial=run.iteration, disable=not tr.progress, desc="meta-train",
                dynamic_ncols=True, mininterval=0.5)
     with stop_on_signals() as stop, logging_redirect_tqdm():
         while run.iteration < tr.iterations and not stop.requested:
             batch = run.task.sample(cfg.algorithm.meta_batch_size, run.task.shots, run.task.queries,
                                     run.generators["train"])
-            loss = meta_step(run, batch.tasks)
+            loss = step(run, batch.tasks)
             bad = ~torch.isfinite(loss)
             first_bad = torch.where(bad & (first_bad < 0), run.iteration + 1, first_bad)
             loss_sum += loss
@@ -235,22 +222,6 @@ def train(run: Run) -> None:
 # --- 4. evaluation --------------------------------------------------------------------------------
 
 
-def mean_ci(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and the 95 % confidence half-width 1.96 sigma / sqrt(n) (paper protocol)."""
-    values = values.double()
-    return float(values.mean()), float(1.96 * values.std(unbiased=True) / math.sqrt(values.numel()))
-
-
-def summarize(values: torch.Tensor) -> dict:
-    """``mean`` and ``ci95`` over the tasks; where adaptation diverged on some task (a non-finite
-    metric) both are null and ``nonfinite_tasks`` says on how many: no number hides it."""
-    bad = int((~torch.isfinite(values)).sum())
-    mean, ci = mean_ci(values) if bad == 0 else (None, None)
-    return {"mean": mean, "ci95": ci, "nonfinite_tasks": bad}
-
-
-
-
 def evaluate(run: Run, chunk: int = 100) -> dict:
     """The paper protocol: ``trainer.test_tasks`` held-out tasks from a fixed seed, the metric on
     each task's query set after every report step, mean +- 95 % CI; for each test K."""
@@ -276,25 +247,6 @@ def evaluate(run: Run, chunk: int = 100) -> dict:
     return results
 
 
-def results_table(results: dict) -> str:
-    steps = list(next(iter(results["results"].values())))
-    head = f"{results['task']} test {results['metric']} ({results['test_tasks']} tasks, mean +- 95% CI)"
-    lines = [head, "shots  " + "  ".join(f"{s.replace('after_', '').replace('_steps', ' steps'):>17}" for s in steps)]
-    for shots, row in results["results"].items():
-        cells = "  ".join(f"{v['mean']:>9.4f} +- {v['ci95']:.3f}" if v["mean"] is not None
-                          else f"{'diverged on ' + str(v['nonfinite_tasks']):>17}" for v in row.values())
-        lines.append(f"{shots:<6} {cells}")
-    return "\n".join(lines)
-
-
-def write_results(run: Run, results: dict) -> Path:
-    path = run.run_dir / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(path)
-    return path
-
-
 # --- entry ----------------------------------------------------------------------------------------
 
 
@@ -307,7 +259,9 @@ def objective(results: dict) -> float:
 
 def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, eval_only: bool = False) -> dict:
     """Train (or continue) and evaluate; returns the results dict (also in results.json)."""
-    run = setup(cfg, run_dir)
+    # a resumed run keeps the batching auto chose before, so it stays bitwise exact
+    kept = state.get("batching") if state is not None and cfg.algorithm.batching == "auto" else None
+    run = setup(cfg, run_dir, batching=kept)
     if state is not None:
         restore(run, state)
         log.info("resumed from iteration %d", run.iteration)
@@ -320,7 +274,7 @@ def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, ev
             run.iteration = best_state["iteration"]
             log.info("evaluating the best validation checkpoint (iteration %d)", run.iteration)
     results = evaluate(run)
-    path = write_results(run, results)
+    path = write_results(run.run_dir, results)
     print(results_table(results))
     log.info("results written to %s", path)
     return results

@@ -1,0 +1,167 @@
+"""MAML for reinforcement learning: pure functions over a policy's parameter dict.
+
+Trajectories are tensors ``[tasks, trajectories, horizon, ...]`` with a ``mask`` that is 1 while
+an episode is alive. The pieces, as in the MAML paper's RL experiments (section 5.3):
+
+* :func:`advantages`: discounted returns minus a linear feature baseline fitted per task
+  (rllab's ``LinearFeatureBaseline``), through GAE(gamma, lambda), normalized per task;
+* :func:`reinforce_loss`: the vanilla policy-gradient surrogate the inner loop descends;
+* :func:`adapt_policy`: the inner loop (``sgd_steps`` on that surrogate), second order by default;
+* :func:`meta_objective`: the TRPO surrogate and mean KL of the adapted policies on the
+  post-update trajectories, as functions of the meta-parameters (the inner step included), so the
+  outer TRPO step (``metarun.meta.trpo``) sees the gradient through the inner update.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from metarun.meta.maml import Params, sgd_steps
+
+
+class Rollouts(NamedTuple):
+    """Trajectories of several tasks; every tensor starts with ``[tasks, trajectories, horizon]``."""
+
+    observations: Tensor
+    actions: Tensor
+    rewards: Tensor
+    mask: Tensor
+
+
+def discounted_sum(values: Tensor, mask: Tensor, discount: float) -> Tensor:
+    """``out[t] = sum_k discount^k values[t + k]`` along the last (time) axis, within the mask."""
+    out = torch.zeros_like(values)
+    running = torch.zeros_like(values[..., 0])
+    for t in range(values.shape[-1] - 1, -1, -1):
+        running = (values[..., t] + discount * running) * mask[..., t]
+        out[..., t] = running
+    return out
+
+
+def baseline_features(observations: Tensor, mask: Tensor) -> Tensor:
+    """rllab's linear-baseline features: obs, obs^2, t, t^2, t^3 (t = step / 100), 1."""
+    obs = observations.clamp(-10, 10)
+    horizon = observations.shape[-2]
+    t = (torch.arange(horizon, dtype=obs.dtype, device=obs.device) / 100.0).expand(obs.shape[:-1])[..., None]
+    ones = torch.ones_like(t)
+    return torch.cat([obs, obs**2, t, t**2, t**3, ones], dim=-1) * mask[..., None]
+
+
+def fit_baseline(features: Tensor, returns: Tensor, mask: Tensor, reg: float = 1e-5) -> Tensor:
+    """Ridge regression of ``returns`` on ``features`` over one task's valid steps; its predictions.
+
+    ``features`` is ``[trajectories, horizon, F]``; works under ``vmap`` over tasks.
+    """
+    x = features.reshape(-1, features.shape[-1])
+    y = (returns * mask).reshape(-1, 1)
+    gram = x.T @ x
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    weights = torch.linalg.solve(gram + reg * eye * (1 + gram.diagonal().mean()), x.T @ y)
+    return (features @ weights).squeeze(-1) * mask
+
+
+def advantages(rollouts: Rollouts, discount: float = 0.99, gae_lambda: float = 1.0, normalize: bool = True) -> Tensor:
+    """Per-step advantages ``[tasks, trajectories, horizon]``, no gradient: GAE over a linear
+    baseline fitted separately for each task, normalized to zero mean and unit variance per task."""
+    with torch.no_grad():
+        obs, _, rewards, mask = rollouts
+        returns = discounted_sum(rewards, mask, discount)
+        values = vmap(fit_baseline)(baseline_features(obs, mask), returns, mask)
+        next_values = torch.cat([values[..., 1:], torch.zeros_like(values[..., :1])], dim=-1)
+        deltas = (rewards + discount * next_values - values) * mask
+        adv = discounted_sum(deltas, mask, discount * gae_lambda)
+        if normalize:
+            count = mask.sum(dim=(1, 2), keepdim=True)
+            mean = adv.sum(dim=(1, 2), keepdim=True) / count
+            var = (((adv - mean) * mask) ** 2).sum(dim=(1, 2), keepdim=True) / count
+            adv = (adv - mean) / (var.sqrt() + 1e-8) * mask
+        return adv
+
+
+def log_prob(policy: nn.Module, params: Params, observations: Tensor, actions: Tensor) -> Tensor:
+    """Log-density of ``actions`` under the diagonal Gaussian policy, summed over action dims."""
+    mean = functional_call(policy, params, (observations,))
+    log_std = params["log_std"]
+    z = (actions - mean) * torch.exp(-log_std)
+    return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(dim=-1)
+
+
+def gaussian_kl(mean_p: Tensor, log_std_p: Tensor, mean_q: Tensor, log_std_q: Tensor) -> Tensor:
+    """KL(p || q) of diagonal Gaussians, summed over the last axis."""
+    var_p, var_q = torch.exp(2 * log_std_p), torch.exp(2 * log_std_q)
+    return (log_std_q - log_std_p + (var_p + (mean_p - mean_q) ** 2) / (2 * var_q) - 0.5).sum(dim=-1)
+
+
+def reinforce_loss(policy: nn.Module, params: Params, observations: Tensor, actions: Tensor,
+                   adv: Tensor, mask: Tensor) -> Tensor:
+    """The vanilla policy-gradient surrogate ``-mean(log pi(a|s) * A)`` over one task's valid steps."""
+    return -(log_prob(policy, params, observations, actions) * adv * mask).sum() / mask.sum()
+
+
+def adapt_policy(policy: nn.Module, params: Params, observations: Tensor, actions: Tensor, adv: Tensor,
+                 mask: Tensor, inner_lr: float, inner_steps: int = 1, first_order: bool = False) -> Params:
+    """The inner loop for one task: SGD on the REINFORCE surrogate of its trajectories."""
+    return sgd_steps(lambda p: reinforce_loss(policy, p, observations, actions, adv, mask),
+                     params, inner_lr, inner_steps, first_order)
+
+
+def adapt_tasks(policy: nn.Module, params: Params, rollouts: Rollouts, adv: Tensor, inner_lr: float,
+                inner_steps: int = 1, first_order: bool = False) -> Params:
+    """:func:`adapt_policy` for every task at once (vmap); returns parameters with a task axis."""
+    obs, actions, _, mask = rollouts
+
+    def one(o, a, ad, m):
+        return adapt_policy(policy, params, o, a, ad, m, inner_lr, inner_steps, first_order)
+
+    return vmap(one)(obs, actions, adv, mask)
+
+
+class MetaBatch(NamedTuple):
+    """What the outer step of MAML-TRPO needs, all fixed while it searches."""
+
+    pre: Rollouts  # trajectories of the meta-policy (the inner step's data)
+    pre_adv: Tensor
+    post: Rollouts  # trajectories of the adapted policies (the outer objective's data)
+    post_adv: Tensor
+    old_log_prob: Tensor  # log pi_old'(a|s) on post, [tasks, trajectories, horizon]
+    old_mean: Tensor  # mean of pi_old' on post, [tasks, trajectories, horizon, act_dim]
+    old_log_std: Tensor  # log-std of pi_old', [tasks, act_dim]
+
+
+def meta_objective(policy: nn.Module, params: Params, batch: MetaBatch, inner_lr: float, inner_steps: int = 1,
+                   first_order: bool = False) -> tuple[Tensor, Tensor]:
+    """The MAML-TRPO surrogate loss and mean KL, as functions of the meta-parameters.
+
+    For each task: adapt ``params`` on its pre-update trajectories, then on its post-update
+    trajectories take ``-mean(ratio * A)`` with ``ratio = pi'(a|s) / pi_old'(a|s)`` and the mean
+    KL(pi_old' || pi'). Both are averaged over tasks. At ``params`` equal to the parameters that
+    sampled the data, the ratio is 1 and the KL is 0.
+    """
+
+    def one(pre_o, pre_a, pre_ad, pre_m, o, a, ad, m, old_lp, old_mean, old_ls):
+        fast = adapt_policy(policy, params, pre_o, pre_a, pre_ad, pre_m, inner_lr, inner_steps, first_order)
+        lp = log_prob(policy, fast, o, a)
+        ratio = torch.exp(lp - old_lp)
+        loss = -(ratio * ad * m).sum() / m.sum()
+        mean = functional_call(policy, fast, (o,))
+        kl = (gaussian_kl(old_mean, old_ls, mean, fast["log_std"]) * m).sum() / m.sum()
+        return loss, kl
+
+    pre, post = batch.pre, batch.post
+    losses, kls = vmap(one)(pre.observations, pre.actions, batch.pre_adv, pre.mask, post.observations,
+                            post.actions, batch.post_adv, post.mask, batch.old_log_prob, batch.old_mean,
+                            batch.old_log_std)
+    return losses.mean(), kls.mean()
+
+
+def old_policy_stats(policy: nn.Module, fast: Params, post: Rollouts) -> tuple[Tensor, Tensor, Tensor]:
+    """log-probs, means and log-stds of the adapted (sampling) policies on their own trajectories."""
+    with torch.no_grad():
+        lp = vmap(lambda p, o, a: log_prob(policy, p, o, a))(fast, post.observations, post.actions)
+        mean = vmap(lambda p, o: functional_call(policy, p, (o,)))(fast, post.observations)
+        return lp, mean, fast["log_std"]
