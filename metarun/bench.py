@@ -126,6 +126,57 @@ def bench_config(name: str, overrides: list[str], device: str, iterations: int, 
     return rows
 
 
+# meta-RL: name -> (Hydra overrides, meta-iterations timed)
+RL_CONFIGS = {
+    "navigation2d": (["task=navigation2d"], 3),
+    "halfcheetah_dir": (["task=halfcheetah_dir"], 1),
+}
+
+
+def bench_rl(name: str, overrides: list[str], iterations: int) -> dict:
+    """Environment steps per second (one meta-batch of episodes) and seconds per MAML-TRPO
+    meta-iteration, split into sampling (both rollouts) and the rest (baselines, inner step, TRPO)."""
+    from metarun.cli import compose
+    from metarun.trainers import rl
+
+    cfg = compose(*overrides, "trainer.progress=false")
+    run = rl.setup(cfg, Path("/nonexistent"))
+    alg, envs = cfg.algorithm, run.envs
+    params = {k: p.detach() for k, p in run.policy.named_parameters()}
+    tasks = envs.sample_tasks(alg.meta_batch_size, run.generators["tasks"])
+    start = time.perf_counter()
+    rollouts = envs.rollout(rl.make_act(run.policy, params, run.generators["actions"], False), tasks,
+                            alg.trajectories, 0)
+    steps_per_s = rollouts.mask.numel() / (time.perf_counter() - start)
+    sampling = 0.0
+    rollout = envs.rollout
+
+    def timed_rollout(*args, **kwargs):
+        nonlocal sampling
+        tick = time.perf_counter()
+        out = rollout(*args, **kwargs)
+        sampling += time.perf_counter() - tick
+        return out
+
+    envs.rollout = timed_rollout
+    start = time.perf_counter()
+    for _ in range(iterations):
+        rl.meta_iteration(run)
+        run.iteration += 1
+    seconds = (time.perf_counter() - start) / iterations
+    envs.close()
+    return {"config": name, "env_steps_per_s": steps_per_s, "s_per_meta_iteration": seconds,
+            "sampling_share": sampling / iterations / seconds, "meta_batch_size": alg.meta_batch_size,
+            "trajectories": alg.trajectories, "horizon": cfg.task.horizon, "threads": torch.get_num_threads()}
+
+
+def rl_table(rows: list[dict]) -> str:
+    head = f"{'config':<18}{'env steps/s':>12}{'s/meta-iter':>13}{'sampling':>10}"
+    return "\n".join([head, "-" * len(head)] + [
+        f"{r['config']:<18}{r['env_steps_per_s']:>12.0f}{r['s_per_meta_iteration']:>13.2f}{r['sampling_share']:>9.0%}"
+        for r in rows])
+
+
 def table(rows: list[dict]) -> str:
     head = (f"{'config':<16}{'device':<8}{'batching':<12}{'ms/iter':>10}{'peak MB':>10}{'vs loop':>9}"
             f"{'sampling':>10}  auto picks")
@@ -139,6 +190,8 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--rl", nargs="*", default=list(RL_CONFIGS), choices=list(RL_CONFIGS),
+                        help="meta-RL configs (environment steps/s, seconds per meta-iteration)")
     parser.add_argument("--devices", nargs="*", default=None, help="default: cpu, and cuda when present")
     parser.add_argument("--iterations", type=int, default=None, help="timed iterations per round "
                         "(default: 100 for sinusoid, fewer for the conv nets)")
@@ -156,12 +209,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += bench_config(name, overrides, device, args.iterations or iterations, args.rounds, args.warmup,
                                  memory=not args.no_memory)
     print(table(rows))
+    rl_rows = []
+    for name in args.rl:
+        print(f"benchmarking {name} (meta-RL) ...", flush=True)
+        overrides, iterations = RL_CONFIGS[name]
+        rl_rows.append(bench_rl(name, overrides, iterations))
+    if rl_rows:
+        print(rl_table(rl_rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from metarun.utils.runtime import versions
 
     path = out / f"bench_{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
-    path.write_text(json.dumps({"versions": versions(), "rows": rows}, indent=2) + "\n")
+    path.write_text(json.dumps({"versions": versions(), "rows": rows, "rl": rl_rows}, indent=2) + "\n")
     print(f"\nwritten to {path}")
     return rows
 

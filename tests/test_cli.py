@@ -55,7 +55,8 @@ def test_smoke_run_writes_a_complete_run_folder(cli):
 def test_python_dash_m_and_console_script_agree(cli):
     script = Path(sys.executable).with_name("metarun")
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=cli.cwd)
-    assert proc.returncode == 0 and "task: sinusoid" in proc.stdout
+    assert proc.returncode == 0 and "== Configuration groups ==" in proc.stdout
+    assert "task: " in proc.stdout and "sinusoid" in proc.stdout and "omniglot" in proc.stdout
     assert cli("--help").stdout == proc.stdout
 
 
@@ -147,8 +148,9 @@ def test_bench_measures_both_batchings(tmp_path):
     from metarun import bench
 
     rows = bench.main(["--configs", "sinusoid", "--devices", "cpu", "--iterations", "3", "--rounds", "1",
-                       "--warmup", "1", "--out", str(tmp_path)])
+                       "--warmup", "1", "--rl", "--out", str(tmp_path)])
     assert {r["batching"] for r in rows} == {"vmap", "loop"}
     assert all(r["ms_per_iteration"] > 0 and r["auto_picks"] == "vmap" for r in rows)
     assert [r["speedup_vs_loop"] for r in rows if r["batching"] == "loop"] == [1.0]
+    assert all(r["peak_mb"] > 0 for r in rows)  # measured in child processes
     assert list(tmp_path.glob("bench_*.json"))
