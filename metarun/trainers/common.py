@@ -84,7 +84,7 @@ def results_table(results: dict) -> str:
     """The printed table: a row per entry of ``results["results"]``, a column per inner-step count."""
     steps = list(next(iter(results["results"].values())))
     head = f"{results['task']} test {results['metric']} ({results['test_tasks']} tasks, mean +- 95% CI)"
-    lines = [head, "shots  " + "  ".join(f"{s.replace('after_', '').replace('_steps', ' steps'):>17}" for s in steps)]
+    lines = [head, f"{'shots' if results['metric'] != 'return' else '':<7}" + "  ".join(f"{s.replace('after_', '').replace('_steps', ' steps'):>17}" for s in steps)]
     for shots, row in results["results"].items():
         cells = "  ".join(f"{v['mean']:>9.4f} +- {v['ci95']:.3f}" if v["mean"] is not None
                           else f"{'diverged on ' + str(v['nonfinite_tasks']):>17}" for v in row.values())
