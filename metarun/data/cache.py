@@ -10,12 +10,12 @@ writable cache folder:
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from metarun.utils.checkpoint import save_atomic
 from metarun.utils.errors import MetarunError
 
 
@@ -33,17 +33,7 @@ def default_cache_dir() -> Path:
 
 def save_cache(obj: Any, path: Path) -> Path:
     """``torch.save`` to a temp file beside ``path``, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_atomic(obj, path)
 
 
 def load_cache(path: Path) -> Any | None:
