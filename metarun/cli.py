@@ -117,8 +117,16 @@ def hydra_main(cfg: DictConfig) -> float:
     try:
         return run(cfg)
     except (MetarunError, HydraException, OmegaConfBaseException) as exc:  # instantiate wraps ours
-        log.error("%s", _one_line(exc))  # into the run folder's log too
+        _log_to_files(f"metarun: error: {_one_line(exc)}")  # the run folder's log records why it stopped
         raise _UserError(exc) from exc
+
+
+def _log_to_files(message: str) -> None:
+    """An error line for the log files only: the console gets it once, on stderr, from main()."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _one_line(exc: BaseException) -> str:
