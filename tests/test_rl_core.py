@@ -212,7 +212,8 @@ def test_unflatten_inverts_flatten():
 def test_navigation_rewards_and_termination_by_hand():
     envs = Navigation2DTasks(horizon=4)
     tasks = [{"goal": [0.15, 0.0]}]
-    steps = iter([torch.tensor([[[0.1, 0.0]]]), torch.tensor([[[0.3, 0.0]]]),  # 2nd is clipped to 0.1
+    # actions are in normalized units: 1.0 is a velocity of 0.1; the 2nd (3.0) is clipped to 1.0
+    steps = iter([torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[3.0, 0.0]]]),
                   torch.tensor([[[0.0, 0.0]]]), torch.tensor([[[0.0, 0.0]]])])
     r = envs.rollout(lambda obs: next(steps), tasks, 1)
     # positions after each move: 0.1, 0.2, 0.2, 0.2 -> distances 0.05, 0.05, 0.05, 0.05
@@ -221,7 +222,7 @@ def test_navigation_rewards_and_termination_by_hand():
     assert r.mask[0, 0].tolist() == [1, 1, 1, 1]
     # an episode that reaches the goal ends there
     envs = Navigation2DTasks(horizon=4)
-    r = envs.rollout(lambda obs: torch.full((1, 1, 2), 0.05), [{"goal": [0.1, 0.1]}], 1)
+    r = envs.rollout(lambda obs: torch.full((1, 1, 2), 0.5), [{"goal": [0.1, 0.1]}], 1)
     assert r.mask[0, 0].tolist() == [1, 1, 0, 0]
     assert r.rewards[0, 0, 1] == pytest.approx(0.0, abs=1e-7) and (r.rewards[0, 0, 2:] == 0).all()
     assert r.rewards[0, 0, 0] == pytest.approx(-math.hypot(0.05, 0.05), rel=1e-6)

@@ -1,9 +1,12 @@
 """2D navigation (MAML paper, section 5.3): a point moves in the plane toward a goal.
 
-Each task is a goal drawn from U[-0.5, 0.5]^2. The point starts at the origin; the action is a
-velocity clipped to [-0.1, 0.1] per axis; the reward is minus the distance to the goal after the
-move; an episode ends once the point is within 0.01 of the goal, or at the horizon (100).
-Vectorised in torch: every task and trajectory steps at once.
+Each task is a goal drawn from U[-0.5, 0.5]^2. The point starts at the origin; the velocity is
+clipped to [-0.1, 0.1] per axis; the reward is minus the distance to the goal after the move; an
+episode ends once the point is within 0.01 of the goal, or at the horizon (100).
+
+As in the paper's code (rllab's ``normalize`` wrapper around ``PointEnvRandGoal``), the policy acts
+in normalized units: its action is clipped to [-1, 1] and scaled to the velocity bounds, so a unit
+action is a velocity of 0.1. Vectorised in torch: every task and trajectory steps at once.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ class Navigation2DTasks:
     Args:
         horizon: steps per episode; paper: 100.
         goal_range: goals ~ U[-goal_range, goal_range]^2; paper: 0.5.
-        max_action: per-axis clip of the velocity; paper: 0.1.
+        max_action: per-axis bound of the velocity; paper: 0.1. Actions in [-1, 1] map onto it.
         success_radius: an episode ends within this distance of the goal; paper: 0.01.
         name: the family's name (from the config).
     """
@@ -54,7 +57,8 @@ class Navigation2DTasks:
             obs.append(position)
             actions.append(action)
             mask.append(alive)
-            position = position + action.clamp(-self.max_action, self.max_action) * alive[..., None]
+            velocity = action.clamp(-1.0, 1.0) * self.max_action
+            position = position + velocity * alive[..., None]
             distance = torch.linalg.vector_norm(position - goals, dim=-1)
             rewards.append(-distance * alive)
             alive = alive * (distance >= self.success_radius).float()
