@@ -23,6 +23,7 @@ import statistics
 import time
 from datetime import datetime
 from pathlib import Path
+from queue import Empty
 
 import torch
 
@@ -54,11 +55,19 @@ def _cpu_peak_child(overrides: list[str], queue) -> None:
 
 
 def cpu_peak_bytes(overrides: list[str]) -> float:
+    """:func:`_cpu_peak_child` in a spawned process; NaN if it dies without an answer."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     child = ctx.Process(target=_cpu_peak_child, args=(overrides, queue))
     child.start()
-    value = queue.get()
+    value = float("nan")
+    while True:
+        try:
+            value = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not child.is_alive():
+                break
     child.join()
     return value
 
