@@ -37,7 +37,7 @@ test-slow: $(STAMP) ## only the slow tests (long training runs)
 lint: $(STAMP) ## ruff over the code and tests
 	$(VENV)/bin/ruff check metarun tests
 
-bench: $(STAMP) ## ms per meta-iteration and peak memory, vmap vs loop (ARGS="--configs sinusoid")
+bench: $(STAMP) ## speed and memory, vmap vs loop; meta-RL steps/s (ARGS="--configs sinusoid --rl" for one)
 	$(PY) -m metarun.bench $(ARGS)
 
 clean: ## remove the virtual environment and caches (keeps outputs/)
