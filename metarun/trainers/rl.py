@@ -52,6 +52,8 @@ class RLRun:
 def setup(cfg: DictConfig, run_dir: Path) -> RLRun:
     """The task distribution (environments) and the policy; RL runs on the CPU (small policies,
     simulators on the CPU)."""
+    if cfg.device not in ("auto", "cpu"):
+        log.warning("meta-RL runs on the CPU (small policies, CPU simulators): device=%s is not used", cfg.device)
     torch.set_num_threads(cfg.trainer.num_threads)
     seed_everything(cfg.seed)
     envs = instantiate(cfg.task)
