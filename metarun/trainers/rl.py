@@ -230,7 +230,7 @@ def run_rl(cfg: DictConfig, run_dir: Path, state: dict | None = None, eval_only:
     try:
         if state is not None:
             restore(run, state)
-            log.info("resumed from iteration %d", run.iteration)
+            log.info("%s the checkpoint of iteration %d", "evaluating" if eval_only else "resuming from", run.iteration)
         if not eval_only:
             train(run)
         results = evaluate(run)

@@ -264,7 +264,7 @@ def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, ev
     run = setup(cfg, run_dir, batching=kept)
     if state is not None:
         restore(run, state)
-        log.info("resumed from iteration %d", run.iteration)
+        log.info("%s the checkpoint of iteration %d", "evaluating" if eval_only else "resuming from", run.iteration)
     if not eval_only:
         train(run)
         best = run.run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.BEST
