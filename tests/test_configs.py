@@ -99,7 +99,10 @@ def test_mismatched_families_are_refused():
     with pytest.raises(ConfigError, match="algorithm must be maml or fomaml for a supervised task"):
         validate(compose_config("task=sinusoid", "algorithm=maml_trpo"))
     with pytest.raises(ConfigError, match="algorithm must be maml_trpo for an RL task"):
-        validate(compose_config("task=navigation2d", "algorithm=maml"))
+        validate(compose_config("task=halfcheetah_dir", "algorithm=maml"))
+    # a task preset that sets RL-only algorithm keys fails already when composing, naming the key
+    with pytest.raises(ConfigCompositionException, match="test_inner_lrs"):
+        compose_config("task=navigation2d", "algorithm=maml")
 
 
 def test_every_yaml_key_is_commented():
