@@ -95,7 +95,7 @@ def bench_config(name: str, overrides: list[str], device: str, iterations: int, 
     if device.startswith("cuda"):  # and the whole step captured in a CUDA graph
         runs["vmap+graph"] = sup.setup(compose(*overrides, f"device={device}", "algorithm.batching=vmap",
                                                "trainer.cuda_graph=true"), Path("/nonexistent"))
-        steps["vmap+graph"] = GraphedMetaStep()
+        steps["vmap+graph"] = GraphedMetaStep(sup.meta_step)
     times = {b: [] for b in runs}
     sampling = dict.fromkeys(runs, 0.0)  # seconds spent drawing meta-batches (inside the timed loop)
     peaks = {}

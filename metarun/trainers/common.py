@@ -69,8 +69,6 @@ def summarize(values: torch.Tensor) -> dict:
     return {"mean": mean, "ci95": ci, "nonfinite_tasks": bad}
 
 
-
-
 def write_results(run_dir: Path, results: dict) -> Path:
     """``results.json`` in the run folder, written atomically."""
     path = run_dir / "results.json"

@@ -9,27 +9,23 @@ to ``None`` before capture, so every replay writes them afresh instead of accumu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from metarun.meta import TaskBatch, meta_loss
+from metarun.meta import TaskBatch
 
 
 class GraphedMetaStep:
-    """Callable like ``trainers.supervised.meta_step``: ``step(run, tasks) -> loss``."""
+    """Wraps a meta-step ``step(run, tasks) -> loss`` (``trainers.supervised.meta_step``) so that
+    it is captured once and replayed. The step's own ``zero_grad(set_to_none=True)`` finds the
+    gradients already ``None`` during capture, so it records nothing and replays write afresh."""
 
-    def __init__(self, warmup: int = 3) -> None:
-        self.warmup = warmup
+    def __init__(self, step: Callable[[object, TaskBatch], torch.Tensor], warmup: int = 3) -> None:
+        self.step, self.warmup = step, warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: TaskBatch | None = None
         self.loss: torch.Tensor | None = None
-
-    def _step(self, run) -> torch.Tensor:
-        alg = run.cfg.algorithm
-        out = meta_loss(run.model, dict(run.model.named_parameters()), self.inputs, run.task.loss_fn,
-                        alg.inner_lr, alg.inner_steps, alg.first_order, run.batching)
-        out.loss.backward()
-        run.optimizer.step()
-        return out.loss.detach()
 
     def _capture(self, run, tasks: TaskBatch) -> None:
         self.inputs = TaskBatch(*(t.clone() for t in tasks))
@@ -37,13 +33,12 @@ class GraphedMetaStep:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture requires
             for _ in range(self.warmup):
-                run.optimizer.zero_grad(set_to_none=True)
-                self._step(run)
+                self.step(run, self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         run.optimizer.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.loss = self._step(run)
+            self.loss = self.step(run, self.inputs)
 
     def __call__(self, run, tasks: TaskBatch) -> torch.Tensor:
         if self.graph is None:

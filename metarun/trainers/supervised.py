@@ -178,7 +178,7 @@ def train(run: Run) -> None:
     first_bad = torch.tensor(-1, device=run.device)
     loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)
     last_good = run.iteration
-    step = GraphedMetaStep() if tr.cuda_graph else meta_step
+    step = GraphedMetaStep(meta_step) if tr.cuda_graph else meta_step
     bar = tqdm(total=tr.iterations, initial=run.iteration, disable=not tr.progress, desc="meta-train",
                dynamic_ncols=True, mininterval=0.5)
     with stop_on_signals() as stop, logging_redirect_tqdm():
