@@ -10,7 +10,7 @@ ARGS   ?=
 export METARUN_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),$(abspath data))
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow lint bench clean
+.PHONY: help install run test test-slow test-cuda lint bench gpu-pack clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,17 +28,29 @@ install: $(STAMP) ## create .venv and install metarun with its test tools
 run: $(STAMP) ## train and evaluate sinusoid MAML (overrides: make run ARGS="experiment=sinusoid_k5")
 	$(VENV)/bin/metarun $(ARGS)
 
-test: $(STAMP) ## the default test suite (everything but tests marked slow)
-	$(PY) -m pytest -m "not slow" $(ARGS)
+test: $(STAMP) ## the default test suite (everything but tests marked slow or cuda)
+	$(PY) -m pytest -m "not slow and not cuda" $(ARGS)
 
 test-slow: $(STAMP) ## only the slow tests (long training runs)
 	$(PY) -m pytest -m slow $(ARGS)
+
+test-cuda: $(STAMP) ## only the tests that need a CUDA GPU (the CUDA graph, the harness on cuDNN)
+	$(PY) -m pytest -m cuda $(ARGS)
 
 lint: $(STAMP) ## ruff over the code and tests
 	$(VENV)/bin/ruff check metarun tests
 
 bench: $(STAMP) ## speed and memory, vmap vs loop; meta-RL steps/s (ARGS="--configs sinusoid --rl" for one)
 	$(PY) -m metarun.bench $(ARGS)
+
+gpu-pack: $(STAMP) ## put into .gpu/ what an offline GPU machine needs for .ci/gpu-check (see README)
+	rm -rf .gpu && mkdir -p .gpu/wheels .gpu/data/omniglot
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/wheels \
+		hydra-core==1.3.8 omegaconf==2.3.1
+	$(PY) -m pip wheel -q --no-deps -w .gpu/wheels antlr4-python3-runtime==4.9.3
+	cp $(METARUN_DATA_DIR)/omniglot/images_background.zip $(METARUN_DATA_DIR)/omniglot/images_evaluation.zip \
+		.gpu/data/omniglot/
+	@du -sh .gpu
 
 clean: ## remove the virtual environment and caches (keeps outputs/)
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

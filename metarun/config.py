@@ -274,5 +274,9 @@ def validate(cfg: DictConfig) -> None:
         need(task.test_queries >= 1, "task.test_queries", ">= 1", task.test_queries)
     need(tr.val_interval >= 1, "trainer.val_interval", ">= 1", tr.val_interval)
     need(tr.val_tasks >= 1, "trainer.val_tasks", ">= 1", tr.val_tasks)
+    if tr.cuda_graph:  # their fresh state is all zeros, which the graph's warm-up restores
+        need(alg.outer_optimizer._target_ in ("torch.optim.Adam", "torch.optim.AdamW"),
+             "algorithm.outer_optimizer._target_", "torch.optim.Adam or AdamW with trainer.cuda_graph=true",
+             alg.outer_optimizer._target_)
     bad = [s for s in tr.report_steps if not 0 <= s <= alg.test_inner_steps]
     need(not bad, "trainer.report_steps", f"between 0 and algorithm.test_inner_steps={alg.test_inner_steps}", list(tr.report_steps))

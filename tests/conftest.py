@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from metarun.cli import compose
 
@@ -53,3 +54,10 @@ def cli(tmp_path):
 
     _run.cwd = tmp_path
     return _run
+
+
+@pytest.fixture(autouse=True)
+def _cuda_marked_tests_need_cuda(request):
+    """A test marked ``cuda`` fails (it is never skipped) where there is no GPU: it was asked for."""
+    if request.node.get_closest_marker("cuda") and not torch.cuda.is_available():
+        pytest.fail("this test needs a CUDA GPU (make test-cuda runs on a machine with one)", pytrace=False)

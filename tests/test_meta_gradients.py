@@ -175,3 +175,16 @@ def test_functional_batch_norm_under_vmap_is_the_trap_we_avoid():
     assert gc.loop_vs_finite_differences(model, params, tasks, F.cross_entropy, 0.4, 1) <= 1e-6
     assert gc.vmap_vs_loop(model, params, tasks, F.cross_entropy, 0.4, 1, first_order=True) <= 1e-10
     assert gc.vmap_vs_loop(model, params, tasks, F.cross_entropy, 0.4, 1) > 1e-3, "F.batch_norm under vmap is fixed"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_harness_on_cuda(name):
+    """The same references on a GPU (cuDNN convolutions, CUDA reductions), in float64."""
+    make_model, make_tasks, loss_fn, lr = CASES[name]
+    model = make_model().cuda()
+    tasks = TaskBatch(*(t.cuda() for t in make_tasks()))
+    params = dict(model.named_parameters())
+    for first_order in (False, True):
+        assert gc.vmap_vs_loop(model, params, tasks, loss_fn, lr, 2, first_order) <= 1e-10
+    assert gc.loop_vs_finite_differences(model, params, tasks, loss_fn, lr, 1) <= 1e-6

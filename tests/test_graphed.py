@@ -1,0 +1,91 @@
+"""The CUDA-graph meta-step. Its warm-up (needed before capture) must not train: that part runs
+anywhere and is tested here on the CPU. The capture itself needs a GPU: tests marked ``cuda`` run
+only with ``make test-cuda`` on a machine with one (see the README, "Checking on a GPU")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metarun.trainers import supervised as sup
+from metarun.trainers.graphed import GraphedMetaStep, warm_up_and_undo
+from tests.conftest import compose_config
+
+
+def fresh_run(*overrides, device="cpu"):
+    cfg = compose_config("debug=smoke", f"device={device}", "algorithm.batching=vmap", *overrides)
+    return sup.setup(cfg, run_dir=None)
+
+
+def batches(run, n):
+    alg = run.cfg.algorithm
+    return [run.task.sample(alg.meta_batch_size, run.task.shots, run.task.queries, run.generators["train"]).tasks
+            for _ in range(n)]
+
+
+def snapshot(run):
+    return ([p.detach().clone() for p in run.model.parameters()],
+            [{k: v.clone() for k, v in s.items()} for s in run.optimizer.state.values()])
+
+
+def assert_same(a, b):
+    (pa, sa), (pb, sb) = a, b
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert len(sa) == len(sb)
+    for x, y in zip(sa, sb):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("optimizer", ["torch.optim.Adam", "torch.optim.AdamW"])
+@pytest.mark.parametrize("steps_before", [0, 2])  # a fresh optimizer, and one with state (resumed)
+def test_warm_up_is_undone_in_place(optimizer, steps_before):
+    overrides = (f"algorithm.outer_optimizer._target_={optimizer}", "algorithm.outer_optimizer.weight_decay=0.1")
+    warmed, plain = fresh_run(*overrides), fresh_run(*overrides)
+    data = batches(warmed, steps_before + 3)
+    for tasks in data[:steps_before]:
+        sup.meta_step(warmed, tasks)
+        sup.meta_step(plain, tasks)
+    addresses = [p.data_ptr() for p in warmed.model.parameters()]
+    warm_up_and_undo(sup.meta_step, warmed, data[steps_before], times=3)
+    # the parameters keep their storage (a captured graph points at it) ...
+    assert [p.data_ptr() for p in warmed.model.parameters()] == addresses
+    # ... and from here on the warmed run makes exactly the updates of one that never warmed up
+    for tasks in data[steps_before:]:
+        sup.meta_step(warmed, tasks)
+        sup.meta_step(plain, tasks)
+    assert_same(snapshot(warmed), snapshot(plain))
+    # the check can fail: without the undo, the warm-up steps train
+    again = fresh_run(*overrides)
+    for _ in range(3):
+        sup.meta_step(again, data[0])
+    assert not torch.equal(next(again.model.parameters()), next(fresh_run(*overrides).model.parameters()))
+
+
+@pytest.mark.configs
+def test_cuda_graph_needs_adam():
+    from metarun.config import validate
+    from metarun.utils.errors import ConfigError
+
+    cfg = compose_config("debug=smoke", "trainer.cuda_graph=true", "algorithm.outer_optimizer._target_=torch.optim.SGD")
+    with pytest.raises(ConfigError, match="algorithm.outer_optimizer._target_ must be torch.optim.Adam or AdamW"):
+        validate(cfg)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("task", ["omniglot", "sinusoid"])
+def test_graphed_step_makes_the_eager_updates(task, request):
+    """On a GPU, in float64: five replays with new batches == five eager steps, and the graph
+    really replays (the eager reference differs after a different batch)."""
+    extra = ()
+    if task == "omniglot":
+        extra = ("task=omniglot", f"task.cache_dir={request.getfixturevalue('omniglot_cache')}", "task.progress=false")
+    graphed = fresh_run(*extra, "dtype=float64", "trainer.cuda_graph=true", device="cuda")
+    eager = fresh_run(*extra, "dtype=float64", "trainer.cuda_graph=true", device="cuda")
+    step = GraphedMetaStep(sup.meta_step)
+    for tasks in batches(eager, 5):
+        loss_graphed = step(graphed, tasks)
+        loss_eager = sup.meta_step(eager, tasks)
+        torch.testing.assert_close(loss_graphed, loss_eager, rtol=1e-10, atol=1e-12)
+    for a, b in zip(graphed.model.parameters(), eager.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
