@@ -157,6 +157,7 @@ class RLTrainerConfig:
     test_seed: int = 1_000_003
     num_threads: int = 1
     progress: bool = True
+    max_minutes: float | None = None
 
 
 @dataclass
@@ -173,6 +174,7 @@ class SupervisedTrainerConfig:
     report_steps: list[int] = field(default_factory=lambda: [1, 5, 10])
     num_threads: int = 1
     progress: bool = True
+    max_minutes: float | None = None
     evaluate_best: bool = True
     cuda_graph: bool = False
 
@@ -249,6 +251,7 @@ def validate(cfg: DictConfig) -> None:
     need(tr.test_tasks >= 2, "trainer.test_tasks", ">= 2 (a confidence interval needs two)", tr.test_tasks)
     for key in ("log_interval", "checkpoint_interval", "num_threads"):
         need(tr[key] >= 1, f"trainer.{key}", ">= 1", tr[key])
+    need(tr.max_minutes is None or tr.max_minutes > 0, "trainer.max_minutes", "> 0 or null", tr.max_minutes)
     if tr.name == "rl":
         need(alg.name == "maml_trpo", "algorithm", "maml_trpo for an RL task", alg.name)
         need(alg.trajectories >= 2, "algorithm.trajectories", ">= 2", alg.trajectories)

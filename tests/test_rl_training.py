@@ -50,6 +50,15 @@ def test_rl_resume_is_exact(tmp_path):
 
 
 @pytest.mark.smoke
+def test_rl_time_budget_stops_with_a_checkpoint(tmp_path):
+    results = rl.run_rl(compose_config("task=navigation2d", *TINY, "trainer.iterations=4", "trainer.max_minutes=1e-9"),
+                        tmp_path)
+    state = checkpoint.load(tmp_path)
+    assert state["iteration"] == 1 and results["training"]["iterations"] == 1
+    assert state["train_seconds"] == results["training"]["train_seconds"] > 0
+
+
+@pytest.mark.smoke
 def test_nan_actions_stop_with_the_iteration_named(tmp_path, monkeypatch):
     original, calls = rl.make_act, {"n": 0}
 

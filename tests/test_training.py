@@ -94,6 +94,24 @@ def test_evaluation_follows_the_protocol(tmp_path):
     assert row["after_0_steps"]["ci95"] == pytest.approx(float(1.96 * pre.std() / math.sqrt(30)), rel=1e-4)
 
 
+def test_time_budget_validates_checkpoints_and_stops_then_resume_carries_on(tmp_path):
+    """trainer.max_minutes: past the budget (here at once) the run validates, checkpoints and
+    stops, then evaluates; a resume continues, with the validation history and the clock."""
+    results = sup.run_supervised(small_cfg("trainer.iterations=6", "trainer.max_minutes=1e-9"), tmp_path)
+    state = checkpoint.load(tmp_path)
+    assert state["iteration"] == 1 and results["training"]["iterations"] == 1
+    assert results["training"]["train_seconds"] > 0
+    assert results["training"]["ms_per_iteration"] == pytest.approx(results["training"]["train_seconds"] * 1e3)
+    assert [h["iteration"] for h in results["validation"]] == [1]
+    results = sup.run_supervised(small_cfg("trainer.iterations=6"), tmp_path, state=state)
+    history = results["validation"]
+    assert checkpoint.load(tmp_path)["iteration"] == 6
+    assert [h["iteration"] for h in history] == [1, 3, 6]
+    assert history[0]["train_seconds"] < history[1]["train_seconds"] < history[2]["train_seconds"]
+    assert set(history[0]) == {"iteration", "train_seconds", "mse_after_0_steps", "mse_after_1_steps",
+                               "mse_after_5_steps", "mse_after_10_steps"}
+
+
 def test_mean_ci():
     values = torch.tensor([1.0, 2.0, 3.0, 4.0])
     mean, ci = mean_ci(values)

@@ -1,11 +1,12 @@
-"""Pieces every trainer shares: stopping on signals, the hyperparameter table, confidence
-intervals, and writing results."""
+"""Pieces every trainer shares: stopping on signals, the training clock and time budget, the
+hyperparameter table, confidence intervals, and writing results."""
 
 from __future__ import annotations
 
 import json
 import math
 import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,6 +39,42 @@ def stop_on_signals():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+class TrainClock:
+    """Seconds spent training, across resumes (``seconds`` goes into checkpoints), not counting
+    what runs inside ``paused()`` (validation, checkpoints); and this invocation's time budget,
+    ``trainer.max_minutes`` of wall-clock time (None: no limit). On a GPU the clock waits for the
+    queued steps before it is read, so the seconds are the GPU's, not how fast Python queued them."""
+
+    def __init__(self, device: torch.device, seconds: float = 0.0, max_minutes: float | None = None) -> None:
+        self.device, self.seconds = device, seconds
+        self.deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
+        self.start = time.perf_counter()
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def read(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds, self.start = self.seconds + now - self.start, now
+        return self.seconds
+
+    @contextmanager
+    def paused(self):
+        self.read()
+        try:
+            yield self
+        finally:
+            self.start = time.perf_counter()
+
+
+def training_summary(iterations: int, seconds: float | None) -> dict:
+    """The ``training`` entry of results.json: how long the evaluated run trained."""
+    per = seconds / iterations * 1e3 if seconds is not None and iterations > 0 else None
+    return {"iterations": iterations, "train_seconds": seconds, "ms_per_iteration": per}
 
 
 def hparams_markdown(cfg: DictConfig) -> str:

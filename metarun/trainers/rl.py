@@ -28,7 +28,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metarun.meta import policy_gradient as pg
 from metarun.meta.trpo import trpo_step
-from metarun.trainers.common import hparams_markdown, results_table, stop_on_signals, summarize, write_results
+from metarun.trainers.common import (
+    TrainClock,
+    hparams_markdown,
+    results_table,
+    stop_on_signals,
+    summarize,
+    training_summary,
+    write_results,
+)
 from metarun.utils import checkpoint
 from metarun.utils.errors import DivergedError, MetarunError
 from metarun.utils.runtime import seed_everything
@@ -44,6 +52,7 @@ class RLRun:
     policy: torch.nn.Module
     generators: dict[str, torch.Generator]
     iteration: int = 0
+    train_seconds: float = 0.0  # wall-clock time of the meta-iterations, across resumes
 
 
 # --- 1. set-up ------------------------------------------------------------------------------------
@@ -96,13 +105,15 @@ def check_finite(rollouts: pg.Rollouts, what: str) -> None:
 
 def save(run: RLRun) -> Path:
     state = {"model": run.policy.state_dict(), "optimizer": {}, "iteration": run.iteration,
-             "rng": checkpoint.rng_state(run.generators), "config": OmegaConf.to_container(run.cfg, resolve=True)}
+             "rng": checkpoint.rng_state(run.generators), "config": OmegaConf.to_container(run.cfg, resolve=True),
+             "train_seconds": run.train_seconds}
     return checkpoint.save_atomic(state, run.run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST)
 
 
 def restore(run: RLRun, state: dict) -> None:
     run.policy.load_state_dict(state["model"])
     run.iteration = state["iteration"]
+    run.train_seconds = state.get("train_seconds", 0.0)
     checkpoint.set_rng_state(state["rng"], run.generators)
 
 
@@ -142,7 +153,9 @@ def meta_iteration(run: RLRun) -> dict[str, float]:
 
 
 def train(run: RLRun) -> None:
+    """Meta-iterations up to ``trainer.iterations``, or until ``trainer.max_minutes`` have passed."""
     cfg, tr = run.cfg, run.cfg.trainer
+    clock = TrainClock(torch.device("cpu"), run.train_seconds, tr.max_minutes)
     writer = SummaryWriter(run.run_dir / "tb", purge_step=run.iteration or None)
     if run.iteration == 0:
         writer.add_text("hparams", hparams_markdown(cfg), 0)
@@ -156,14 +169,20 @@ def train(run: RLRun) -> None:
                 raise DivergedError(f"{exc} at iteration {run.iteration + 1}; stopped. Last good checkpoint: "
                                     f"{run.run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST}") from exc
             run.iteration += 1
+            run.train_seconds = clock.read()
             bar.update()
             for key, value in stats.items():
                 writer.add_scalar(f"train/{key}", value, run.iteration)
             bar.set_postfix(pre=f"{stats['return_pre_update']:.1f}", post=f"{stats['return_post_update']:.1f}")
             if run.iteration % tr.log_interval == 0:
                 log.info("iteration %d %s", run.iteration, " ".join(f"{k}={v:.4g}" for k, v in stats.items()))
-            if run.iteration % tr.checkpoint_interval == 0 or run.iteration == tr.iterations:
+            out_of_time = clock.out_of_time()
+            if run.iteration % tr.checkpoint_interval == 0 or run.iteration == tr.iterations or out_of_time:
                 save(run)
+            if out_of_time:
+                log.info("trainer.max_minutes=%g reached at iteration %d: stopped early (checkpoint written; "
+                         "metarun resume=%s continues the run)", tr.max_minutes, run.iteration, run.run_dir)
+                break
     bar.close()
     writer.close()
     if stop.requested:
@@ -199,7 +218,8 @@ def evaluate(run: RLRun) -> dict:
     return {"task": cfg.task.name, "iteration": run.iteration, "test_tasks": tr.test_tasks,
             "test_seed": tr.test_seed, "metric": "return", "test_inner_lrs": list(alg.test_inner_lrs),
             "results": {"return": {f"after_{s}_steps": summarize(returns[s]) for s in range(len(per_step))}},
-            "curve": {"return": [float(v) for v in returns.double().mean(dim=1)]}}
+            "curve": {"return": [float(v) for v in returns.double().mean(dim=1)]},
+            "training": training_summary(run.iteration, run.train_seconds)}
 
 
 def adaptation_figure(results: dict):

@@ -14,7 +14,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +25,15 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metarun.meta import adaptation_curve, meta_loss, resolve_batching
-from metarun.trainers.common import hparams_markdown, results_table, stop_on_signals, summarize, write_results
+from metarun.trainers.common import (
+    TrainClock,
+    hparams_markdown,
+    results_table,
+    stop_on_signals,
+    summarize,
+    training_summary,
+    write_results,
+)
 from metarun.trainers.graphed import GraphedMetaStep
 from metarun.utils import checkpoint
 from metarun.utils.errors import ConfigError, DivergedError
@@ -48,6 +56,8 @@ class Run:
     batching: str
     iteration: int = 0
     best: float | None = None  # best validation score so far (selects checkpoints/best.pt)
+    train_seconds: float = 0.0  # time spent in training steps, across resumes
+    history: list[dict] = field(default_factory=list)  # every validation: iteration, seconds, scores
 
 
 # --- 1. set-up ------------------------------------------------------------------------------------
@@ -116,6 +126,8 @@ def save(run: Run, name: str = checkpoint.LAST) -> Path:
         "config": OmegaConf.to_container(run.cfg, resolve=True),
         "batching": run.batching,
         "best": run.best,
+        "train_seconds": run.train_seconds,
+        "history": run.history,
     }
     return checkpoint.save_atomic(state, run.run_dir / checkpoint.CHECKPOINT_DIR / name)
 
@@ -126,6 +138,8 @@ def restore(run: Run, state: dict) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     run.iteration = state["iteration"]
     run.best = state.get("best")
+    run.train_seconds = state.get("train_seconds", 0.0)
+    run.history = list(state.get("history", []))
     checkpoint.set_rng_state(state["rng"], run.generators)
 
 
@@ -154,6 +168,9 @@ def validate(run: Run, writer: SummaryWriter, val_tasks) -> dict[str, float]:
     scores = {f"{name}_after_{s}_steps": float(curve[s]) for s in steps}
     for key, value in scores.items():
         writer.add_scalar(f"val/{key}", value, run.iteration)
+    writer.add_scalar("val/train_seconds", run.train_seconds, run.iteration)  # score against training time
+    run.history.append({"iteration": run.iteration, "train_seconds": run.train_seconds,
+                        **{k: v if math.isfinite(v) else None for k, v in scores.items()}})
     # the checkpoint with the best score after test_inner_steps steps is kept as best.pt
     score = float(curve[alg.test_inner_steps])
     sign = 1 if run.task.lower_is_better else -1
@@ -166,7 +183,8 @@ def validate(run: Run, writer: SummaryWriter, val_tasks) -> dict[str, float]:
 
 
 def train(run: Run) -> None:
-    """The meta-training loop, from ``run.iteration`` to ``trainer.iterations``."""
+    """The meta-training loop, from ``run.iteration`` to ``trainer.iterations`` (or until
+    ``trainer.max_minutes`` have passed: then it validates, checkpoints and stops early)."""
     cfg, tr = run.cfg, run.cfg.trainer
     writer = SummaryWriter(run.run_dir / "tb", purge_step=run.iteration or None)
     if run.iteration == 0:
@@ -179,6 +197,9 @@ def train(run: Run) -> None:
     loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)
     last_good = run.iteration
     step = GraphedMetaStep(meta_step) if tr.cuda_graph else meta_step
+    clock = TrainClock(run.device, run.train_seconds, tr.max_minutes)
+    start_seconds = run.train_seconds
+    start_iteration, out_of_time = run.iteration, False
     bar = tqdm(total=tr.iterations, initial=run.iteration, disable=not tr.progress, desc="meta-train",
                dynamic_ncols=True, mininterval=0.5)
     with stop_on_signals() as stop, logging_redirect_tqdm():
@@ -192,7 +213,9 @@ def train(run: Run) -> None:
             run.iteration += 1
             bar.update()
             at = run.iteration
-            if at % tr.log_interval == 0 or at % tr.checkpoint_interval == 0 or at == tr.iterations:
+            out_of_time = clock.out_of_time()
+            last = at == tr.iterations or out_of_time
+            if at % tr.log_interval == 0 or at % tr.checkpoint_interval == 0 or last:
                 if first_bad.item() >= 0:
                     bar.close()
                     raise DivergedError(
@@ -204,12 +227,22 @@ def train(run: Run) -> None:
                     writer.add_scalar("train/query_loss", mean, at)
                     writer.add_scalar("train/iterations_per_s", bar.format_dict["rate"] or 0.0, at)
                     bar.set_postfix(loss=f"{mean:.4f}")
-            if at % tr.val_interval == 0 or at == tr.iterations:
-                scores = validate(run, writer, val_tasks)
-                log.info("iteration %d validation %s", at, " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-            if at % tr.checkpoint_interval == 0 or at == tr.iterations:
-                save(run)
-                last_good = at
+            if at % tr.val_interval == 0 or at % tr.checkpoint_interval == 0 or last:
+                with clock.paused():  # validation and checkpoints do not count as training time
+                    run.train_seconds = clock.seconds
+                    if at % tr.val_interval == 0 or last:
+                        scores = validate(run, writer, val_tasks)
+                        log.info("iteration %d (%.0f s of training, %.2f ms/iteration) validation %s", at,
+                                 run.train_seconds, (clock.seconds - start_seconds) / (at - start_iteration) * 1e3,
+                                 " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+                    if at % tr.checkpoint_interval == 0 or last:
+                        save(run)
+                        last_good = at
+            if out_of_time:
+                log.info("trainer.max_minutes=%g reached at iteration %d: stopped early (checkpoint written; "
+                         "metarun resume=%s continues the run)", tr.max_minutes, at, run.run_dir)
+                break
+    run.train_seconds = clock.read()
     bar.close()
     writer.close()
     if stop.requested:
@@ -230,6 +263,8 @@ def evaluate(run: Run, chunk: int = 100) -> dict:
     params = dict(run.model.named_parameters())
     results = {"task": cfg.task.name, "iteration": run.iteration, "test_tasks": tr.test_tasks,
                "test_seed": tr.test_seed, "inner_lr": alg.inner_lr, "metric": name, "results": {}, "curve": {}}
+    results["training"] = training_summary(run.iteration, run.train_seconds)
+    results["validation"] = run.history
     for shots in run.task.test_shots:
         # all test tasks drawn at once from the fixed seed, so the set never depends on `chunk`
         tasks = run.task.sample(tr.test_tasks, shots, run.task.test_queries, fixed_generator(run, tr.test_seed),
@@ -271,7 +306,7 @@ def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, ev
         if cfg.trainer.evaluate_best and best.is_file():
             best_state = checkpoint.load(best)
             run.model.load_state_dict(best_state["model"])
-            run.iteration = best_state["iteration"]
+            run.iteration, run.train_seconds = best_state["iteration"], best_state.get("train_seconds")
             log.info("evaluating the best validation checkpoint (iteration %d)", run.iteration)
     results = evaluate(run)
     path = write_results(run.run_dir, results)
