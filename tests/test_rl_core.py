@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -235,3 +237,27 @@ def test_navigation_tasks_are_seeded_and_in_range():
     assert a == b
     goals = torch.tensor([t["goal"] for t in a])
     assert goals.abs().max() <= 0.5 and goals.abs().max() > 0.45
+
+
+def test_baseline_fit_survives_ant_sized_batches_on_two_threads():
+    """Regression: batched linalg.solve on 214x214 systems with 2 threads failed in MKL and hung
+    (torch 2.13 CPU). Run in a child process with a timeout, so a hang fails instead of stalling."""
+    code = """
+import torch
+from metarun.meta import policy_gradient as pg
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+obs, mask = torch.randn(4, 3, 8, 105, generator=g), torch.ones(4, 3, 8)
+features = pg.baseline_features(obs, mask)  # 214 features, as for Ant-v5
+returns = torch.randn(4, 3, 8, generator=g)
+fitted = torch.func.vmap(pg.fit_baseline)(features, returns, mask)
+x, y = features.double().reshape(4, -1, 214), returns.double().reshape(4, -1, 1)
+gram = x.transpose(1, 2) @ x
+ridge = 1e-5 * (1 + gram.diagonal(dim1=1, dim2=2).mean(-1))[:, None, None] * torch.eye(214, dtype=torch.float64)
+reference = (x @ torch.stack([torch.linalg.pinv(gram[i] + ridge[i]) @ x[i].T @ y[i] for i in range(4)]))
+print(float((fitted.double().reshape(4, -1) - reference.reshape(4, -1)).abs().max()))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "MKL ERROR" not in proc.stdout + proc.stderr
+    assert float(proc.stdout.split()[-1]) < 1e-4
