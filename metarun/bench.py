@@ -12,6 +12,7 @@ above the resident set after set-up (model and dataset loaded).
 
     python -m metarun.bench                       # every benchmark config, CPU and CUDA if present
     python -m metarun.bench --configs sinusoid --iterations 100 --rounds 3
+    python -m metarun.bench --threads 1           # one torch thread (default: every core)
 """
 
 from __future__ import annotations
@@ -180,19 +181,20 @@ def bench_rl(name: str, overrides: list[str], iterations: int) -> dict:
 
 
 def rl_table(rows: list[dict]) -> str:
-    head = f"{'config':<18}{'env steps/s':>12}{'s/meta-iter':>13}{'sampling':>10}"
+    head = f"{'config':<18}{'env steps/s':>12}{'s/meta-iter':>13}{'sampling':>10}{'threads':>9}"
     return "\n".join([head, "-" * len(head)] + [
         f"{r['config']:<18}{r['env_steps_per_s']:>12.0f}{r['s_per_meta_iteration']:>13.2f}{r['sampling_share']:>9.0%}"
-        for r in rows])
+        f"{r['threads']:>9}" for r in rows])
 
 
 def table(rows: list[dict]) -> str:
     head = (f"{'config':<16}{'device':<8}{'batching':<12}{'ms/iter':>10}{'peak MB':>10}{'vs loop':>9}"
-            f"{'sampling':>10}  auto picks")
+            f"{'sampling':>10}{'threads':>9}  auto picks")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['config']:<16}{r['device']:<8}{r['batching']:<12}{r['ms_per_iteration']:>10.2f}"
-                     f"{r['peak_mb']:>10.1f}{r['speedup_vs_loop']:>8.2f}x{r['sampling_share']:>9.1%}  {r['auto_picks']}")
+                     f"{r['peak_mb']:>10.1f}{r['speedup_vs_loop']:>8.2f}x{r['sampling_share']:>9.1%}{r['threads']:>9}"
+                     f"  {r['auto_picks']}")
     return "\n".join(lines)
 
 
@@ -208,13 +210,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations before the first round")
     parser.add_argument("--out", default="outputs/bench", help="folder for the JSON record")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (trainer.num_threads; "
+                        "default: the config's, every core)")
     args = parser.parse_args(argv)
+    threads = [] if args.threads is None else [f"trainer.num_threads={args.threads}"]
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     for device in devices:
         for name in args.configs:
             print(f"benchmarking {name} on {device} ...", flush=True)
             overrides, iterations = CONFIGS[name]
+            overrides = [*overrides, *threads]
             rows += bench_config(name, overrides, device, args.iterations or iterations, args.rounds, args.warmup,
                                  memory=not args.no_memory)
     print(table(rows))
@@ -222,7 +228,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in args.rl:
         print(f"benchmarking {name} (meta-RL) ...", flush=True)
         overrides, iterations = RL_CONFIGS[name]
-        rl_rows.append(bench_rl(name, overrides, iterations))
+        rl_rows.append(bench_rl(name, [*overrides, *threads], iterations))
     if rl_rows:
         print(rl_table(rl_rows))
     out = Path(args.out)

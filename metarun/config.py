@@ -155,7 +155,7 @@ class RLTrainerConfig:
     checkpoint_interval: int = 10
     test_tasks: int = 40
     test_seed: int = 1_000_003
-    num_threads: int = 1
+    num_threads: int | None = None
     progress: bool = True
     max_minutes: float | None = None
 
@@ -172,7 +172,7 @@ class SupervisedTrainerConfig:
     test_seed: int = 1_000_003
     val_seed: int = 1_000_033
     report_steps: list[int] = field(default_factory=lambda: [1, 5, 10])
-    num_threads: int = 1
+    num_threads: int | None = None
     progress: bool = True
     max_minutes: float | None = None
     evaluate_best: bool = True
@@ -249,8 +249,9 @@ def validate(cfg: DictConfig) -> None:
     need(alg.meta_batch_size >= 1, "algorithm.meta_batch_size", ">= 1", alg.meta_batch_size)
     need(tr.iterations >= 0, "trainer.iterations", ">= 0", tr.iterations)
     need(tr.test_tasks >= 2, "trainer.test_tasks", ">= 2 (a confidence interval needs two)", tr.test_tasks)
-    for key in ("log_interval", "checkpoint_interval", "num_threads"):
+    for key in ("log_interval", "checkpoint_interval"):
         need(tr[key] >= 1, f"trainer.{key}", ">= 1", tr[key])
+    need(tr.num_threads is None or tr.num_threads >= 1, "trainer.num_threads", ">= 1 or null", tr.num_threads)
     need(tr.max_minutes is None or tr.max_minutes > 0, "trainer.max_minutes", "> 0 or null", tr.max_minutes)
     if tr.name == "rl":
         need(alg.name == "maml_trpo", "algorithm", "maml_trpo for an RL task", alg.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -110,6 +111,17 @@ def test_time_budget_validates_checkpoints_and_stops_then_resume_carries_on(tmp_
     assert history[0]["train_seconds"] < history[1]["train_seconds"] < history[2]["train_seconds"]
     assert set(history[0]) == {"iteration", "train_seconds", "mse_after_0_steps", "mse_after_1_steps",
                                "mse_after_5_steps", "mse_after_10_steps"}
+
+
+def test_cpu_threads_default_to_every_core_and_follow_the_config():
+    before = torch.get_num_threads()
+    try:
+        sup.setup(small_cfg(), run_dir=None)
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+        sup.setup(small_cfg("trainer.num_threads=1"), run_dir=None)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_mean_ci():

@@ -39,7 +39,7 @@ from metarun.trainers.common import (
 )
 from metarun.utils import checkpoint
 from metarun.utils.errors import DivergedError, MetarunError
-from metarun.utils.runtime import seed_everything
+from metarun.utils.runtime import seed_everything, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> RLRun:
     simulators on the CPU)."""
     if cfg.device not in ("auto", "cpu"):
         log.warning("meta-RL runs on the CPU (small policies, CPU simulators): device=%s is not used", cfg.device)
-    torch.set_num_threads(cfg.trainer.num_threads)
+    log.info("cpu_threads=%d", set_threads(cfg.trainer.num_threads))
     seed_everything(cfg.seed)
     envs = instantiate(cfg.task)
     policy = instantiate(cfg.model, obs_dim=envs.obs_dim, act_dim=envs.act_dim)

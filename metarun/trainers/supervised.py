@@ -37,7 +37,7 @@ from metarun.trainers.common import (
 from metarun.trainers.graphed import GraphedMetaStep
 from metarun.utils import checkpoint
 from metarun.utils.errors import ConfigError, DivergedError
-from metarun.utils.runtime import resolve_device, seed_everything
+from metarun.utils.runtime import resolve_device, seed_everything, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def setup(cfg: DictConfig, run_dir: Path, batching: str | None = None) -> Run:
     what ``algorithm.batching=auto`` resolved to before (a resumed run keeps its choice)."""
     device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
-    torch.set_num_threads(cfg.trainer.num_threads)
+    threads = set_threads(cfg.trainer.num_threads)
     seed_everything(cfg.seed)
     task = instantiate(cfg.task, device=device, dtype=dtype)
     # sizes that follow from the task (e.g. out_features = ways) are passed in, not configured
@@ -84,8 +84,8 @@ def setup(cfg: DictConfig, run_dir: Path, batching: str | None = None) -> Run:
     run = Run(cfg, run_dir, device, task, model, optimizer, {"train": train_gen}, "")
     run.batching = (batching or resolve_batching(cfg.algorithm.batching, device, model)
                     or measure_batching(run))
-    log.info("device=%s batching=%s (%s requested) parameters=%d", device, run.batching,
-             cfg.algorithm.batching, sum(p.numel() for p in model.parameters()))
+    log.info("device=%s batching=%s (%s requested) parameters=%d cpu_threads=%d", device, run.batching,
+             cfg.algorithm.batching, sum(p.numel() for p in model.parameters()), threads)
     return run
 
 

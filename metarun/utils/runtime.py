@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import sys
@@ -23,6 +24,15 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but CUDA is not available here (use device=cpu or auto)")
     return device
+
+
+def set_threads(requested: int | None) -> int:
+    """torch's CPU threads: ``requested``, or None for every core this process may use (fastest
+    for one run on a machine; use 1 per run when several runs share the cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = requested or cores
+    torch.set_num_threads(threads)
+    return threads
 
 
 def seed_everything(seed: int) -> None:
