@@ -198,8 +198,7 @@ def train(run: Run) -> None:
     last_good = run.iteration
     step = GraphedMetaStep(meta_step) if tr.cuda_graph else meta_step
     clock = TrainClock(run.device, run.train_seconds, tr.max_minutes)
-    start_seconds = run.train_seconds
-    start_iteration, out_of_time = run.iteration, False
+    start_iteration, start_seconds = run.iteration, run.train_seconds
     bar = tqdm(total=tr.iterations, initial=run.iteration, disable=not tr.progress, desc="meta-train",
                dynamic_ncols=True, mininterval=0.5)
     with stop_on_signals() as stop, logging_redirect_tqdm():
@@ -212,30 +211,32 @@ def train(run: Run) -> None:
             loss_sum += loss
             run.iteration += 1
             bar.update()
-            at = run.iteration
-            out_of_time = clock.out_of_time()
+            at, out_of_time = run.iteration, clock.out_of_time()
             last = at == tr.iterations or out_of_time
-            if at % tr.log_interval == 0 or at % tr.checkpoint_interval == 0 or last:
+            do_log = at % tr.log_interval == 0
+            do_validate = at % tr.val_interval == 0 or last
+            do_save = at % tr.checkpoint_interval == 0 or last
+            if do_log or do_save:
                 if first_bad.item() >= 0:
                     bar.close()
                     raise DivergedError(
                         f"non-finite meta-loss at iteration {first_bad.item()}; stopped. Last good "
                         f"checkpoint: iteration {last_good} in {run.run_dir / checkpoint.CHECKPOINT_DIR}")
-                if at % tr.log_interval == 0:
+                if do_log:
                     mean = loss_sum.item() / tr.log_interval
                     loss_sum.zero_()
                     writer.add_scalar("train/query_loss", mean, at)
                     writer.add_scalar("train/iterations_per_s", bar.format_dict["rate"] or 0.0, at)
                     bar.set_postfix(loss=f"{mean:.4f}")
-            if at % tr.val_interval == 0 or at % tr.checkpoint_interval == 0 or last:
+            if do_validate or do_save:
                 with clock.paused():  # validation and checkpoints do not count as training time
                     run.train_seconds = clock.seconds
-                    if at % tr.val_interval == 0 or last:
+                    if do_validate:
                         scores = validate(run, writer, val_tasks)
                         log.info("iteration %d (%.0f s of training, %.2f ms/iteration) validation %s", at,
                                  run.train_seconds, (clock.seconds - start_seconds) / (at - start_iteration) * 1e3,
                                  " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-                    if at % tr.checkpoint_interval == 0 or last:
+                    if do_save:
                         save(run)
                         last_good = at
             if out_of_time:
