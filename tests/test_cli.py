@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import subprocess
@@ -132,9 +133,19 @@ def test_multirun_gives_each_job_a_folder_named_by_its_overrides(cli):
         "algorithm.inner_lr=0.001,debug=smoke,trainer.test_tasks=4",
         "algorithm.inner_lr=0.01,debug=smoke,trainer.test_tasks=4",
     ]
+    values = {}
     for name in names:
         results = json.loads((cli.cwd / "sweep" / name / "results.json").read_text())
         assert results["inner_lr"] == float(name.split(",")[0].split("=")[1])
+        values[name] = results["results"]["5-shot"]["after_10_steps"]["mean"]
+    # the summary: a row per job, the objective = the metric after the most steps reported
+    with (cli.cwd / "sweep" / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["job"] for r in rows] == names
+    assert all(r["objective"] == "5-shot mse after 10 steps" for r in rows)
+    assert [float(r["value"]) for r in rows] == [values[n] for n in names]
+    best = min(names, key=values.get)  # mse: lowest is best
+    assert f"* {best}" in proc.stdout and "* best (lowest 5-shot mse after 10 steps)" in proc.stdout
 
 
 def test_runs_from_any_directory(tmp_path):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from metarun.trainers.supervised import objective, run_supervised
+from metarun.trainers.common import objective
+from metarun.trainers.supervised import run_supervised
 
 
 def _supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, eval_only: bool = False) -> float:

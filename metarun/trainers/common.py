@@ -115,6 +115,22 @@ def write_results(run_dir: Path, results: dict) -> Path:
     return path
 
 
+def objective_cell(results: dict) -> tuple[str, dict]:
+    """The result a sweep compares: the metric after the most inner steps reported, for the first
+    entry of ``results["results"]`` (the first test K). Returns its name, e.g. ``"1-shot accuracy
+    after 3 steps"``, and its cell (``mean``, ``ci95``, ``nonfinite_tasks``)."""
+    group, row = next(iter(results["results"].items()))
+    key = max(row, key=lambda k: int(k.split("_")[1]))  # after_<n>_steps
+    label = f"{results['metric']} {key.replace('_', ' ')}"
+    return (label if group == results["metric"] else f"{group} {label}"), row[key]
+
+
+def objective(results: dict) -> float:
+    """The objective cell's mean, what ``metarun`` returns to sweepers; NaN if adaptation diverged."""
+    value = objective_cell(results)[1]["mean"]
+    return float("nan") if value is None else value
+
+
 def results_table(results: dict) -> str:
     """The printed table: a row per entry of ``results["results"]``, a column per inner-step count."""
     steps = list(next(iter(results["results"].values())))

@@ -216,7 +216,8 @@ def evaluate(run: RLRun) -> dict:
         params = {k: v.detach() for k, v in params.items()}
     returns = torch.stack(per_step)  # [steps + 1, tasks]
     return {"task": cfg.task.name, "iteration": run.iteration, "test_tasks": tr.test_tasks,
-            "test_seed": tr.test_seed, "metric": "return", "test_inner_lrs": list(alg.test_inner_lrs),
+            "test_seed": tr.test_seed, "metric": "return", "lower_is_better": False,
+            "test_inner_lrs": list(alg.test_inner_lrs),
             "results": {"return": {f"after_{s}_steps": summarize(returns[s]) for s in range(len(per_step))}},
             "curve": {"return": [float(v) for v in returns.double().mean(dim=1)]},
             "training": training_summary(run.iteration, run.train_seconds)}

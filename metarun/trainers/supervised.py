@@ -263,7 +263,8 @@ def evaluate(run: Run, chunk: int = 100) -> dict:
     name = run.task.metric_name
     params = dict(run.model.named_parameters())
     results = {"task": cfg.task.name, "iteration": run.iteration, "test_tasks": tr.test_tasks,
-               "test_seed": tr.test_seed, "inner_lr": alg.inner_lr, "metric": name, "results": {}, "curve": {}}
+               "test_seed": tr.test_seed, "inner_lr": alg.inner_lr, "metric": name,
+               "lower_is_better": run.task.lower_is_better, "results": {}, "curve": {}}
     results["training"] = training_summary(run.iteration, run.train_seconds)
     results["validation"] = run.history
     for shots in run.task.test_shots:
@@ -284,13 +285,6 @@ def evaluate(run: Run, chunk: int = 100) -> dict:
 
 
 # --- entry ----------------------------------------------------------------------------------------
-
-
-def objective(results: dict) -> float:
-    """The number sweeps optimise: the first report step at the first test K (NaN if diverged)."""
-    first = next(iter(results["results"].values()))
-    value = next(iter(first.values()))["mean"]
-    return float("nan") if value is None else value
 
 
 def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, eval_only: bool = False) -> dict:

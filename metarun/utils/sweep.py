@@ -1,0 +1,83 @@
+"""``metarun -m``: after the last job, one table of every job's test result, printed and written
+to ``<sweep dir>/summary.csv``. A Hydra callback, registered under ``hydra.callbacks`` in
+``configs/config.yaml``; it reads the job folders, so it works with any launcher."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from metarun.trainers.common import objective, objective_cell
+
+
+def sweep_rows(sweep_dir: Path) -> list[dict]:
+    """A row per job folder: its objective (mean, ci95), training time and every test number."""
+    rows = []
+    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
+        path = job / "results.json"
+        if not path.is_file():
+            rows.append({"job": job.name, "status": "no results.json (failed or stopped)"})
+            continue
+        results = json.loads(path.read_text())
+        name, cell = objective_cell(results)
+        row = {"job": job.name, "status": "ok", "objective": name, "value": objective(results),
+               "ci95": cell["ci95"], "lower_is_better": results.get("lower_is_better"),
+               "train_seconds": results.get("training", {}).get("train_seconds")}
+        for group, cells in results["results"].items():
+            for key, c in cells.items():
+                row[f"{group} {key}"], row[f"{group} {key} ci95"] = c["mean"], c["ci95"]
+        rows.append(row)
+    return rows
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """The job with the best finite objective (lowest where lower is better), or None."""
+    scored = [r for r in rows if r["status"] == "ok" and math.isfinite(r["value"])]
+    if not scored:
+        return None
+    sign = 1 if scored[0]["lower_is_better"] else -1
+    return min(scored, key=lambda r: sign * r["value"])
+
+
+def write_summary(rows: list[dict], path: Path) -> None:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def summary_table(rows: list[dict]) -> str:
+    best = best_row(rows)
+    name = next((r["objective"] for r in rows if r["status"] == "ok"), "objective")
+    width = max(len(r["job"]) for r in rows)
+    lines = [f"  {'job':<{width}}  {name:>26}  {'train s':>8}"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"  {r['job']:<{width}}  {r['status']}")
+            continue
+        value = f"{r['value']:.4f} +- {r['ci95']:.4f}" if r["ci95"] is not None else "diverged"
+        seconds = f"{r['train_seconds']:.1f}" if r["train_seconds"] is not None else ""
+        lines.append(f"{'*' if r is best else ' '} {r['job']:<{width}}  {value:>26}  {seconds:>8}")
+    if best is not None:
+        lines.append(f"* best ({'lowest' if best['lower_is_better'] else 'highest'} {name})")
+    return "\n".join(lines)
+
+
+class SweepSummary(Callback):
+    """Prints and writes the sweep's summary when the last job has ended."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = sweep_rows(sweep_dir) if sweep_dir.is_dir() else []
+        if rows:
+            path = sweep_dir / "summary.csv"
+            write_summary(rows, path)
+            print(f"sweep summary ({len(rows)} jobs; also in {path}):\n{summary_table(rows)}")
