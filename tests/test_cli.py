@@ -71,6 +71,8 @@ def test_python_dash_m_and_console_script_agree(cli):
     (["resume=does/not/exist"], ["checkpoint not found: does/not/exist"]),
     (["evaluate=does/not/exist.pt"], ["checkpoint not found"]),
     (["debug=smoke", "device=cpu", "trainer.cuda_graph=true"], ["trainer.cuda_graph=true needs a CUDA device"]),
+    (["trainer.max_minutes=0"], ["trainer.max_minutes must be > 0 or null"]),
+    (["trainer.num_threads=0"], ["trainer.num_threads must be >= 1 or null"]),
     (["device=cuda:3"] if not torch.cuda.is_available() else ["device=tpu"], ["device="]),
 ])
 def test_bad_input_is_one_line_and_exit_2(cli, args, fragments):
