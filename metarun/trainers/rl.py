@@ -169,16 +169,17 @@ def train(run: RLRun) -> None:
                 raise DivergedError(f"{exc} at iteration {run.iteration + 1}; stopped. Last good checkpoint: "
                                     f"{run.run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST}") from exc
             run.iteration += 1
-            run.train_seconds = clock.read()
-            bar.update()
-            for key, value in stats.items():
-                writer.add_scalar(f"train/{key}", value, run.iteration)
-            bar.set_postfix(pre=f"{stats['return_pre_update']:.1f}", post=f"{stats['return_post_update']:.1f}")
-            if run.iteration % tr.log_interval == 0:
-                log.info("iteration %d %s", run.iteration, " ".join(f"{k}={v:.4g}" for k, v in stats.items()))
-            out_of_time = clock.out_of_time()
-            if run.iteration % tr.checkpoint_interval == 0 or run.iteration == tr.iterations or out_of_time:
-                save(run)
+            with clock.paused():  # logging and checkpoints do not count as training time
+                run.train_seconds = clock.seconds
+                bar.update()
+                for key, value in stats.items():
+                    writer.add_scalar(f"train/{key}", value, run.iteration)
+                bar.set_postfix(pre=f"{stats['return_pre_update']:.1f}", post=f"{stats['return_post_update']:.1f}")
+                if run.iteration % tr.log_interval == 0:
+                    log.info("iteration %d %s", run.iteration, " ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+                out_of_time = clock.out_of_time()
+                if run.iteration % tr.checkpoint_interval == 0 or run.iteration == tr.iterations or out_of_time:
+                    save(run)
             if out_of_time:
                 log.info("trainer.max_minutes=%g reached at iteration %d: stopped early (checkpoint written; "
                          "metarun resume=%s continues the run)", tr.max_minutes, run.iteration, run.run_dir)
