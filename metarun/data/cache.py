@@ -31,9 +31,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("METARUN_CACHE_DIR", "~/.cache/metarun")).expanduser()
 
 
-def save_cache(obj: Any, path: Path) -> Path:
-    """``torch.save`` to a temp file beside ``path``, then rename: readers never see half a file."""
-    return save_atomic(obj, path)
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (for a DataError that quotes it)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def save_cache(obj: Any, path: Path, what: str) -> Path:
+    """``torch.save`` to a temp file beside ``path``, then rename: readers never see half a file.
+    An unwritable cache folder is a :class:`DataError` naming ``what`` and how to fix it."""
+    try:
+        return save_atomic(obj, path)
+    except OSError as e:
+        raise DataError(f"cannot write the {what} cache {path} ({one_line(e)}); point task.cache_dir "
+                        f"(or $METARUN_CACHE_DIR) at a writable folder") from e
 
 
 def load_cache(path: Path) -> Any | None:

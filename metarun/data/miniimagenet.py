@@ -77,7 +77,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from metarun.data.cache import DataError, default_cache_dir, default_data_dir, load_cache, save_cache
+from metarun.data.cache import (
+    DataError,
+    default_cache_dir,
+    default_data_dir,
+    load_cache,
+    one_line,
+    save_cache,
+)
 
 SPLITS = ("train", "val", "test")
 """The three splits, in the order they are converted and stored."""
@@ -151,7 +158,7 @@ def read_split_csv(path: Path) -> dict[str, list[str]]:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"cannot read the MiniImagenet split CSV {path} ({_one_line(e)})") from e
+        raise DataError(f"cannot read the MiniImagenet split CSV {path} ({one_line(e)})") from e
     if not rows or [cell.strip() for cell in rows[0]] != ["filename", "label"]:
         raise DataError(f"{path}: expected the header 'filename,label' of Ravi & Larochelle's split CSVs")
     classes: dict[str, list[str]] = {}
@@ -309,7 +316,7 @@ def _plan_csv_layout(source: _Source, csv_classes: dict[str, dict[str, list[str]
                 except FileNotFoundError:
                     raise DataError(f"MiniImagenet image {path} (listed in {csv_path}) is missing") from None
                 except OSError as e:
-                    raise DataError(f"cannot read MiniImagenet image {path} ({_one_line(e)})") from e
+                    raise DataError(f"cannot read MiniImagenet image {path} ({one_line(e)})") from e
                 digest.update(f"{split}/{wnid}/{path.name} {size}\n".encode())
             files[split].append(paths)
     return _ImagePlan(classes, files, digest.hexdigest())
@@ -349,7 +356,7 @@ def _entries(folder: Path) -> list[os.DirEntry]:
         with os.scandir(folder) as it:
             return [e for e in it if not e.name.startswith(".")]
     except OSError as e:
-        raise DataError(f"cannot list {folder} ({_one_line(e)})") from e
+        raise DataError(f"cannot list {folder} ({one_line(e)})") from e
 
 
 def _is_image(entry: os.DirEntry) -> bool:
@@ -372,7 +379,7 @@ def decode_image(path: Path) -> np.ndarray:
         with Image.open(path) as image:
             rgb = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
     except Exception as e:  # corrupt files raise many types: OSError, SyntaxError, ValueError, ...
-        raise DataError(f"cannot decode MiniImagenet image {path} ({_one_line(e)})") from e
+        raise DataError(f"cannot decode MiniImagenet image {path} ({one_line(e)})") from e
     return np.array(rgb, dtype=np.uint8)
 
 
@@ -404,7 +411,7 @@ def _read_pickle(path: Path) -> tuple[np.ndarray, dict[str, list[int]]]:
         with open(path, "rb") as f:
             content = pickle.load(f)
     except Exception as e:  # a damaged pickle raises many types: UnpicklingError, EOFError, ValueError, ...
-        raise DataError(f"cannot unpickle {path} ({_one_line(e)})") from e
+        raise DataError(f"cannot unpickle {path} ({one_line(e)})") from e
     if not isinstance(content, dict) or not {"image_data", "class_dict"} <= content.keys():
         keys = sorted(map(str, content)) if isinstance(content, dict) else None
         raise DataError(f"{path}: expected a pickled dict with keys 'image_data' and 'class_dict', got "
@@ -426,7 +433,7 @@ def _class_rows(path: Path, wnid: str, rows, length: int, images_per_class: int)
     try:
         indices = np.asarray(rows)
     except Exception as e:
-        raise DataError(f"{path}: class_dict[{wnid!r}] is not a list of row indices ({_one_line(e)})") from e
+        raise DataError(f"{path}: class_dict[{wnid!r}] is not a list of row indices ({one_line(e)})") from e
     if indices.ndim != 1 or (len(indices) and not np.issubdtype(indices.dtype, np.integer)):
         raise DataError(f"{path}: class_dict[{wnid!r}] is not a list of row indices")
     if len(indices) < images_per_class:
@@ -508,11 +515,7 @@ def _write_cache(data: MiniImagenetData, path: Path, source: _Source, images_per
         "images_per_class": images_per_class,
         "splits": {split: {"images": data[split].images, "classes": data[split].classes} for split in SPLITS},
     }
-    try:
-        save_cache(payload, path)
-    except OSError as e:
-        raise DataError(f"cannot write the MiniImagenet cache {path} ({_one_line(e)}); point task.cache_dir "
-                        f"(or METARUN_CACHE_DIR) at a writable folder") from e
+    save_cache(payload, path, "MiniImagenet")
 
 
 def load_miniimagenet(data_dir: Path | None = None, cache_dir: Path | None = None,
@@ -578,7 +581,3 @@ def load_miniimagenet(data_dir: Path | None = None, cache_dir: Path | None = Non
 def _few(names: list[str], shown: int = 3) -> str:
     more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

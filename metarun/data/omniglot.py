@@ -43,7 +43,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from metarun.data.cache import DataError, default_cache_dir, default_data_dir, load_cache, save_cache
+from metarun.data.cache import (
+    DataError,
+    default_cache_dir,
+    default_data_dir,
+    load_cache,
+    one_line,
+    save_cache,
+)
 
 SETS = ("background", "evaluation")
 """The two official halves, in the order their characters appear in :class:`OmniglotData`."""
@@ -143,7 +150,7 @@ class _Source:
             try:
                 self._zip = zipfile.ZipFile(self.path)
             except (zipfile.BadZipFile, OSError) as e:
-                raise DataError(f"{self.path}: not a readable zip file ({_one_line(e)})") from e
+                raise DataError(f"{self.path}: not a readable zip file ({one_line(e)})") from e
         return self
 
     def __exit__(self, *exc) -> None:
@@ -193,15 +200,11 @@ class _Source:
                 return self._zip.read(f"{self.top}/{relative}")
             return (self.path / relative).read_bytes()
         except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise DataError(f"{self.path}: {relative} cannot be read ({_one_line(e)})") from e
+            raise DataError(f"{self.path}: {relative} cannot be read ({one_line(e)})") from e
 
 
 def _hidden(parts) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _find_source(set_name: str, data_dir: Path, cache_dir: Path) -> Path | None:
@@ -277,10 +280,8 @@ def _download_missing(missing: list[str], data_dir: Path, cache_dir: Path, progr
     for set_name in missing:
         try:
             _download(set_name, cache_dir, progress)
-        except DataError:
-            raise
         except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts, an unwritable cache folder
-            reason = _one_line(e.reason if isinstance(e, urllib.error.URLError) else e)
+            reason = one_line(e.reason if isinstance(e, urllib.error.URLError) else e)
             message = _missing_message(missing, data_dir, f"and could not be downloaded ({reason})")
             raise DataError(message) from e
 
@@ -329,7 +330,7 @@ def _decode_all(sources: list[tuple[_Source, dict[str, dict[str, list[str]]]]],
                             raise DataError(f"{source.path}: {relative}: {e}") from e
                         except Exception as e:
                             raise DataError(f"{source.path}: {relative} is not a readable PNG "
-                                            f"({_one_line(e)})") from e
+                                            f"({one_line(e)})") from e
                     row += 1
                     bar.update(DRAWINGS)
     return OmniglotData(images=torch.from_numpy(images), characters=characters)
@@ -389,12 +390,8 @@ def load_omniglot(data_dir: Path | None = None, cache_dir: Path | None = None, d
             _check_structure(source, tree)
         data = _decode_all([(source, tree) for source, (tree, _) in zip(sources, scans)], progress)
 
-    try:
-        save_cache({"version": CACHE_VERSION, "fingerprint": fingerprint, "images": data.images,
-                    "characters": data.characters}, cache_path)
-    except OSError as e:
-        raise DataError(f"cannot write the Omniglot cache {cache_path} ({_one_line(e)}); point task.cache_dir "
-                        f"(or $METARUN_CACHE_DIR) at a writable folder") from e
+    save_cache({"version": CACHE_VERSION, "fingerprint": fingerprint, "images": data.images,
+                "characters": data.characters}, cache_path, "Omniglot")
     return data
 
 

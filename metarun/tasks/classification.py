@@ -52,6 +52,9 @@ class FewShotClassification:
         self.test_shots = (shots,)
         self.device, self.dtype, self.name = torch.device(device), dtype, name
         self.splits = {k: v.to(self.device) for k, v in splits.items()}
+        channels, size = self.splits["train"].shape[2:4]
+        # what the model must fit (the trainer passes these to it): classes per task, image shape
+        self.model_kwargs = {"out_features": ways, "in_channels": channels, "image_size": size}
         for split, data in self.splits.items():
             classes, per_class = data.shape[:2]
             if ways > classes:
@@ -79,14 +82,12 @@ class FewShotClassification:
         images = data[chosen[:, :, None], picks]  # [T, ways, shots + queries, C, H, W]
         images = images.to(self.dtype) / 255.0
         labels = torch.arange(self.ways, device=dev).view(1, self.ways, 1).expand(num_tasks, -1, shots + queries)
-        shape = images.shape[3:]
 
         def part(x: Tensor, lo: int, hi: int) -> Tensor:
             return x[:, :, lo:hi].reshape(num_tasks, self.ways * (hi - lo), *x.shape[3:])
 
         tasks = TaskBatch(part(images, 0, shots), part(labels, 0, shots),
                           part(images, shots, shots + queries), part(labels, shots, shots + queries))
-        assert tasks.support_x.shape[2:] == shape
         return EpisodeBatch(tasks, chosen, picks)
 
     def visualize(self, writer, step: int, model, params, generator: torch.Generator, inner_lr: float) -> None:

@@ -37,4 +37,3 @@ class MiniImagenetTasks(FewShotClassification):
                                  Path(splits_dir).expanduser() if splits_dir else None, progress, images_per_class)
         splits = {part: data[part].images for part in ("train", "val", "test")}
         super().__init__(splits, ways, shots, queries, test_queries, device, dtype, name)
-        self.model_kwargs = {"out_features": ways, "in_channels": 3, "image_size": 84}

@@ -50,4 +50,3 @@ class OmniglotTasks(FewShotClassification):
                 images = rotate_classes(images)
             splits[part] = images[:, :, None]  # [classes, 20, 1, 28, 28]
         super().__init__(splits, ways, shots, queries, test_queries, device, dtype, name)
-        self.model_kwargs = {"out_features": ways, "in_channels": 1, "image_size": 28}
