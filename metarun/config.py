@@ -35,35 +35,38 @@ class SinusoidTaskConfig:
 
 
 @dataclass
-class OmniglotTaskConfig:
-    _target_: str = "metarun.tasks.omniglot.OmniglotTasks"
-    name: str = "omniglot"
+class FewShotTaskConfig:
+    """What every few-shot classification family takes (tasks.classification.FewShotClassification)."""
+
+    _target_: str = MISSING
+    name: str = MISSING
     ways: int = 5
     shots: int = 1
     queries: int = 1
     test_queries: int = 1
-    split: str = "paper"
-    split_seed: int = 1
-    rotations: bool = True
     data_dir: str = "data"
     cache_dir: str = "~/.cache/metarun"
-    download: bool = True
     progress: bool = True
 
 
 @dataclass
-class MiniImagenetTaskConfig:
+class OmniglotTaskConfig(FewShotTaskConfig):
+    _target_: str = "metarun.tasks.omniglot.OmniglotTasks"
+    name: str = "omniglot"
+    split: str = "paper"
+    split_seed: int = 1
+    rotations: bool = True
+    download: bool = True
+
+
+@dataclass
+class MiniImagenetTaskConfig(FewShotTaskConfig):
     _target_: str = "metarun.tasks.miniimagenet.MiniImagenetTasks"
     name: str = "miniimagenet"
-    ways: int = 5
-    shots: int = 1
     queries: int = 15
     test_queries: int = 15
-    data_dir: str = "data"
     splits_dir: str | None = None
-    cache_dir: str = "~/.cache/metarun"
     images_per_class: int = 600
-    progress: bool = True
 
 
 @dataclass
