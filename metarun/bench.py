@@ -50,8 +50,7 @@ def _cpu_peak_child(overrides: list[str], queue) -> None:
         queue.put(float("nan"))
         return
     for _ in range(2):
-        sup.meta_step(run, run.task.sample(cfg.algorithm.meta_batch_size, run.task.shots, run.task.queries,
-                                           run.generators["train"]).tasks)
+        sup.meta_step(run, sup.sample_meta_batch(run))
     queue.put((_status_kb("VmHWM") - base) * 1024.0)
 
 
@@ -103,8 +102,7 @@ def bench_config(name: str, overrides: list[str], device: str, iterations: int, 
     for r in range(rounds):
         for batching, run in runs.items():
             for _ in range(warmup if r == 0 else 0):
-                steps[batching](run, run.task.sample(cfg.algorithm.meta_batch_size, run.task.shots, run.task.queries,
-                                                   run.generators["train"]).tasks)
+                steps[batching](run, sup.sample_meta_batch(run))
             if run.device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(run.device)
@@ -112,10 +110,9 @@ def bench_config(name: str, overrides: list[str], device: str, iterations: int, 
             start = time.perf_counter()
             for _ in range(iterations):
                 tick = time.perf_counter()
-                batch = run.task.sample(cfg.algorithm.meta_batch_size, run.task.shots, run.task.queries,
-                                        run.generators["train"])
+                tasks = sup.sample_meta_batch(run)
                 sampling[batching] += time.perf_counter() - tick
-                steps[batching](run, batch.tasks)
+                steps[batching](run, tasks)
             if run.device.type == "cuda":
                 torch.cuda.synchronize()
             times[batching].append((time.perf_counter() - start) / iterations * 1e3)

@@ -18,9 +18,7 @@ def fresh_run(*overrides, device="cpu"):
 
 
 def batches(run, n):
-    alg = run.cfg.algorithm
-    return [run.task.sample(alg.meta_batch_size, run.task.shots, run.task.queries, run.generators["train"]).tasks
-            for _ in range(n)]
+    return [sup.sample_meta_batch(run) for _ in range(n)]
 
 
 def snapshot(run):

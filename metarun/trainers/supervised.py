@@ -24,7 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from metarun.meta import adaptation_curve, meta_loss, resolve_batching
+from metarun.meta import TaskBatch, adaptation_curve, meta_loss, resolve_batching
 from metarun.trainers.common import (
     TrainClock,
     hparams_markdown,
@@ -89,12 +89,18 @@ def setup(cfg: DictConfig, run_dir: Path, batching: str | None = None) -> Run:
     return run
 
 
+def sample_meta_batch(run: Run, generator: torch.Generator | None = None) -> TaskBatch:
+    """A training meta-batch of ``algorithm.meta_batch_size`` tasks, drawn from the training
+    stream (or from ``generator``)."""
+    return run.task.sample(run.cfg.algorithm.meta_batch_size, run.task.shots, run.task.queries,
+                           generator or run.generators["train"]).tasks
+
+
 def measure_batching(run: Run, seed: int = 12345) -> str:
     """Time one meta-step of each batching (after a warm-up) on a throwaway copy of the model and
     a meta-batch from a separate generator, so the run itself is untouched; return the faster."""
     alg = run.cfg.algorithm
-    gen = torch.Generator(device=run.device).manual_seed(seed)
-    tasks = run.task.sample(alg.meta_batch_size, run.task.shots, run.task.queries, gen).tasks
+    tasks = sample_meta_batch(run, torch.Generator(device=run.device).manual_seed(seed))
     model = copy.deepcopy(run.model)
     times = {}
     for batching in ("loop", "vmap"):
@@ -203,9 +209,7 @@ def train(run: Run) -> None:
                dynamic_ncols=True, mininterval=0.5)
     with stop_on_signals() as stop, logging_redirect_tqdm():
         while run.iteration < tr.iterations and not stop.requested:
-            batch = run.task.sample(cfg.algorithm.meta_batch_size, run.task.shots, run.task.queries,
-                                    run.generators["train"])
-            loss = step(run, batch.tasks)
+            loss = step(run, sample_meta_batch(run))
             bad = ~torch.isfinite(loss)
             first_bad = torch.where(bad & (first_bad < 0), run.iteration + 1, first_bad)
             loss_sum += loss
