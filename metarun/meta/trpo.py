@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.func import grad
+from torch.func import grad_and_value
 
 from metarun.meta.hvp import hvp_operator
 from metarun.meta.maml import Params
@@ -71,8 +71,8 @@ def trpo_step(params: Params, objective: Callable[[Params], tuple[Tensor, Tensor
         the new parameters (``params`` unchanged when no step is accepted) and statistics.
     """
     params = {k: p.detach() for k, p in params.items()}
-    loss_before = objective(params)[0].detach()
-    g = flatten(grad(lambda p: objective(p)[0])(params))
+    g, (loss_before, _) = grad_and_value(objective, has_aux=True)(params)  # one pass for both
+    g, loss_before = flatten(g), loss_before.detach()
 
     kl_hessian = hvp_operator(lambda p: objective(p)[1], params)  # the Fisher at params
 
