@@ -115,14 +115,15 @@ def adapt_policy(policy: nn.Module, params: Params, observations: Tensor, action
 
 
 def adapt_tasks(policy: nn.Module, params: Params, rollouts: Rollouts, adv: Tensor, inner_lr: float,
-                inner_steps: int = 1, first_order: bool = False) -> Params:
-    """:func:`adapt_policy` for every task at once (vmap); returns parameters with a task axis."""
+                inner_steps: int = 1, first_order: bool = False, per_task: bool = False) -> Params:
+    """:func:`adapt_policy` for every task at once (vmap); returns parameters with a task axis.
+    ``per_task``: ``params`` already have one (each task adapts its own policy further)."""
     obs, actions, _, mask = rollouts
 
-    def one(o, a, ad, m):
-        return adapt_policy(policy, params, o, a, ad, m, inner_lr, inner_steps, first_order)
+    def one(p, o, a, ad, m):
+        return adapt_policy(policy, p, o, a, ad, m, inner_lr, inner_steps, first_order)
 
-    return vmap(one)(obs, actions, adv, mask)
+    return vmap(one, in_dims=(0 if per_task else None, 0, 0, 0, 0))(params, obs, actions, adv, mask)
 
 
 class MetaBatch(NamedTuple):

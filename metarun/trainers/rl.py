@@ -212,8 +212,7 @@ def evaluate(run: RLRun) -> dict:
         if lr is None:
             break
         adv = pg.advantages(rollouts, alg.discount, alg.gae_lambda)
-        params = vmap(lambda p, o, a, ad, m, lr=lr: pg.adapt_policy(policy, p, o, a, ad, m, lr, 1, True))(
-            params, rollouts.observations, rollouts.actions, adv, rollouts.mask)
+        params = pg.adapt_tasks(policy, params, rollouts, adv, lr, 1, first_order=True, per_task=True)
         params = {k: v.detach() for k, v in params.items()}
     returns = torch.stack(per_step)  # [steps + 1, tasks]
     return {"task": cfg.task.name, "iteration": run.iteration, "test_tasks": tr.test_tasks,
