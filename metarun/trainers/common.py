@@ -4,6 +4,7 @@ hyperparameter table, confidence intervals, and writing results."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import time
@@ -12,6 +13,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
+log = logging.getLogger(__name__)
 
 
 class StopRequest:
@@ -48,7 +52,7 @@ class TrainClock:
     queued steps before it is read, so the seconds are the GPU's, not how fast Python queued them."""
 
     def __init__(self, device: torch.device, seconds: float = 0.0, max_minutes: float | None = None) -> None:
-        self.device, self.seconds = device, seconds
+        self.device, self.seconds, self.max_minutes = device, seconds, max_minutes
         self.deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
         self.start = time.perf_counter()
 
@@ -61,6 +65,11 @@ class TrainClock:
         now = time.perf_counter()
         self.seconds, self.start = self.seconds + now - self.start, now
         return self.seconds
+
+    def log_stop(self, iteration: int, run_dir: Path) -> None:
+        """Say that the budget ended training early, and how to continue."""
+        log.info("trainer.max_minutes=%g reached at iteration %d: stopped early (checkpoint written; "
+                 "metarun resume=%s continues the run)", self.max_minutes, iteration, run_dir)
 
     @contextmanager
     def paused(self):
@@ -75,6 +84,15 @@ def training_summary(iterations: int, seconds: float | None) -> dict:
     """The ``training`` entry of results.json: how long the evaluated run trained."""
     per = seconds / iterations * 1e3 if seconds is not None and iterations > 0 else None
     return {"iterations": iterations, "train_seconds": seconds, "ms_per_iteration": per}
+
+
+def open_writer(run_dir: Path, cfg: DictConfig, iteration: int) -> SummaryWriter:
+    """The run's TensorBoard writer (events past ``iteration`` from an earlier try are dropped);
+    a fresh run also gets its hyperparameter table, once."""
+    writer = SummaryWriter(run_dir / "tb", purge_step=iteration or None)
+    if iteration == 0:
+        writer.add_text("hparams", hparams_markdown(cfg), 0)
+    return writer
 
 
 def hparams_markdown(cfg: DictConfig) -> str:

@@ -30,7 +30,7 @@ from metarun.meta import policy_gradient as pg
 from metarun.meta.trpo import trpo_step
 from metarun.trainers.common import (
     TrainClock,
-    hparams_markdown,
+    open_writer,
     results_table,
     stop_on_signals,
     summarize,
@@ -156,9 +156,7 @@ def train(run: RLRun) -> None:
     """Meta-iterations up to ``trainer.iterations``, or until ``trainer.max_minutes`` have passed."""
     cfg, tr = run.cfg, run.cfg.trainer
     clock = TrainClock(torch.device("cpu"), run.train_seconds, tr.max_minutes)
-    writer = SummaryWriter(run.run_dir / "tb", purge_step=run.iteration or None)
-    if run.iteration == 0:
-        writer.add_text("hparams", hparams_markdown(cfg), 0)
+    writer = open_writer(run.run_dir, cfg, run.iteration)
     bar = tqdm(total=tr.iterations, initial=run.iteration, disable=not tr.progress, desc="meta-train",
                dynamic_ncols=True)
     with stop_on_signals() as stop, logging_redirect_tqdm():
@@ -181,8 +179,7 @@ def train(run: RLRun) -> None:
                 if run.iteration % tr.checkpoint_interval == 0 or run.iteration == tr.iterations or out_of_time:
                     save(run)
             if out_of_time:
-                log.info("trainer.max_minutes=%g reached at iteration %d: stopped early (checkpoint written; "
-                         "metarun resume=%s continues the run)", tr.max_minutes, run.iteration, run.run_dir)
+                clock.log_stop(run.iteration, run.run_dir)
                 break
     bar.close()
     writer.close()

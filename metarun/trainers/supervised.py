@@ -27,7 +27,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from metarun.meta import TaskBatch, adaptation_curve, meta_loss, resolve_batching
 from metarun.trainers.common import (
     TrainClock,
-    hparams_markdown,
+    open_writer,
     results_table,
     stop_on_signals,
     summarize,
@@ -192,9 +192,7 @@ def train(run: Run) -> None:
     """The meta-training loop, from ``run.iteration`` to ``trainer.iterations`` (or until
     ``trainer.max_minutes`` have passed: then it validates, checkpoints and stops early)."""
     cfg, tr = run.cfg, run.cfg.trainer
-    writer = SummaryWriter(run.run_dir / "tb", purge_step=run.iteration or None)
-    if run.iteration == 0:
-        writer.add_text("hparams", hparams_markdown(cfg), 0)
+    writer = open_writer(run.run_dir, cfg, run.iteration)
     val_tasks = run.task.sample(tr.val_tasks, run.task.shots, run.task.test_queries,
                                 fixed_generator(run, tr.val_seed), split="val").tasks
     # Non-finite losses are tracked on the device (no sync per iteration) and checked at every
@@ -244,8 +242,7 @@ def train(run: Run) -> None:
                         save(run)
                         last_good = at
             if out_of_time:
-                log.info("trainer.max_minutes=%g reached at iteration %d: stopped early (checkpoint written; "
-                         "metarun resume=%s continues the run)", tr.max_minutes, at, run.run_dir)
+                clock.log_stop(at, run.run_dir)
                 break
     run.train_seconds = clock.read()
     bar.close()
