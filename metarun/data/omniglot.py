@@ -28,9 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import os
 import random
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -51,6 +49,7 @@ from metarun.data.cache import (
     one_line,
     save_cache,
 )
+from metarun.utils.checkpoint import atomic_file
 
 SETS = ("background", "evaluation")
 """The two official halves, in the order their characters appear in :class:`OmniglotData`."""
@@ -254,25 +253,17 @@ def _download(set_name: str, cache_dir: Path, progress: bool) -> Path:
     name = f"images_{set_name}.zip"
     url = f"{URL_BASE}/{name}"
     target = cache_dir / name
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=cache_dir)
-    try:
-        md5 = hashlib.md5()
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {name}",
-                      disable=not progress) as bar:
-                while chunk := response.read(1 << 16):
-                    f.write(chunk)
-                    md5.update(chunk)
-                    bar.update(len(chunk))
-        if md5.hexdigest() != MD5[name]:
+    md5 = hashlib.md5()
+    with atomic_file(target, suffix=".part") as f, urllib.request.urlopen(url, timeout=60) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {name}", disable=not progress) as bar:
+            while chunk := response.read(1 << 16):
+                f.write(chunk)
+                md5.update(chunk)
+                bar.update(len(chunk))
+        if md5.hexdigest() != MD5[name]:  # raised inside the block: the partial file is removed
             raise DataError(f"{url}: downloaded file has md5 {md5.hexdigest()}, expected {MD5[name]} "
                             f"(corrupt or changed upstream); put the official {name} into the data folder")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return target
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -24,21 +26,30 @@ LAST = "last.pt"  # written every trainer.checkpoint_interval iterations, at the
 BEST = "best.pt"  # the best validation score so far
 
 
-def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+@contextmanager
+def atomic_file(path: str | Path, suffix: str = ".tmp") -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a temp file in the same folder, synced to disk
+    and renamed over ``path`` when the block ends, removed if the block raises. Readers never
+    see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to ``path`` atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        torch.save(state, f)
+    return Path(path)
 
 
 def find_checkpoint(path: str | Path, name: str = LAST) -> Path:
