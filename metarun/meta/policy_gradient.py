@@ -89,8 +89,11 @@ def advantages(rollouts: Rollouts, discount: float = 0.99, gae_lambda: float = 1
 
 def log_prob(policy: nn.Module, params: Params, observations: Tensor, actions: Tensor) -> Tensor:
     """Log-density of ``actions`` under the diagonal Gaussian policy, summed over action dims."""
-    mean = functional_call(policy, params, (observations,))
-    log_std = params["log_std"]
+    return gaussian_log_prob(functional_call(policy, params, (observations,)), params["log_std"], actions)
+
+
+def gaussian_log_prob(mean: Tensor, log_std: Tensor, actions: Tensor) -> Tensor:
+    """:func:`log_prob` from the policy's mean, for callers that need the mean too."""
     z = (actions - mean) * torch.exp(-log_std)
     return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(dim=-1)
 
@@ -150,10 +153,9 @@ def meta_objective(policy: nn.Module, params: Params, batch: MetaBatch, inner_lr
 
     def one(pre_o, pre_a, pre_ad, pre_m, o, a, ad, m, old_lp, old_mean, old_ls):
         fast = adapt_policy(policy, params, pre_o, pre_a, pre_ad, pre_m, inner_lr, inner_steps, first_order)
-        lp = log_prob(policy, fast, o, a)
-        ratio = torch.exp(lp - old_lp)
+        mean = functional_call(policy, fast, (o,))  # one forward pass for the ratio and the KL
+        ratio = torch.exp(gaussian_log_prob(mean, fast["log_std"], a) - old_lp)
         loss = -(ratio * ad * m).sum() / m.sum()
-        mean = functional_call(policy, fast, (o,))
         kl = (gaussian_kl(old_mean, old_ls, mean, fast["log_std"]) * m).sum() / m.sum()
         return loss, kl
 
@@ -167,6 +169,6 @@ def meta_objective(policy: nn.Module, params: Params, batch: MetaBatch, inner_lr
 def old_policy_stats(policy: nn.Module, fast: Params, post: Rollouts) -> tuple[Tensor, Tensor, Tensor]:
     """log-probs, means and log-stds of the adapted (sampling) policies on their own trajectories."""
     with torch.no_grad():
-        lp = vmap(lambda p, o, a: log_prob(policy, p, o, a))(fast, post.observations, post.actions)
         mean = vmap(lambda p, o: functional_call(policy, p, (o,)))(fast, post.observations)
+        lp = vmap(gaussian_log_prob)(mean, fast["log_std"], post.actions)
         return lp, mean, fast["log_std"]
