@@ -306,24 +306,21 @@ def _decode_all(sources: list[tuple[_Source, dict[str, dict[str, list[str]]]]],
     characters = [(source.set_name, alphabet, character)
                   for source, tree in sources for alphabet in sorted(tree) for character in sorted(tree[alphabet])]
     images = np.empty((len(characters), DRAWINGS, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
-    row = 0
+    by_set = {source.set_name: (source, tree) for source, tree in sources}
     with tqdm(total=len(characters) * DRAWINGS, unit="img", desc="Omniglot: preprocessing to 28x28",
               disable=not progress) as bar:
-        for source, tree in sources:
-            for alphabet in sorted(tree):
-                for character in sorted(tree[alphabet]):
-                    for j, drawing in enumerate(sorted(tree[alphabet][character])):
-                        relative = f"{alphabet}/{character}/{drawing}"
-                        png = source.read(relative)
-                        try:
-                            images[row, j] = _to_28x28(png)
-                        except _WrongSize as e:
-                            raise DataError(f"{source.path}: {relative}: {e}") from e
-                        except Exception as e:
-                            raise DataError(f"{source.path}: {relative} is not a readable PNG "
-                                            f"({one_line(e)})") from e
-                    row += 1
-                    bar.update(DRAWINGS)
+        for row, (set_name, alphabet, character) in enumerate(characters):
+            source, tree = by_set[set_name]
+            for j, drawing in enumerate(sorted(tree[alphabet][character])):
+                relative = f"{alphabet}/{character}/{drawing}"
+                png = source.read(relative)  # a DataError of its own when the file cannot be read
+                try:
+                    images[row, j] = _to_28x28(png)
+                except _WrongSize as e:
+                    raise DataError(f"{source.path}: {relative}: {e}") from e
+                except Exception as e:
+                    raise DataError(f"{source.path}: {relative} is not a readable PNG ({one_line(e)})") from e
+            bar.update(DRAWINGS)
     return OmniglotData(images=torch.from_numpy(images), characters=characters)
 
 
