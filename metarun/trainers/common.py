@@ -15,6 +15,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
+from metarun.utils.checkpoint import atomic_file
+
 log = logging.getLogger(__name__)
 
 
@@ -127,9 +129,8 @@ def summarize(values: torch.Tensor) -> dict:
 def write_results(run_dir: Path, results: dict) -> Path:
     """``results.json`` in the run folder, written atomically."""
     path = run_dir / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(path)
+    with atomic_file(path) as f:
+        f.write((json.dumps(results, indent=2) + "\n").encode())
     return path
 
 

@@ -5,6 +5,7 @@ to ``<sweep dir>/summary.csv``. A Hydra callback, registered under ``hydra.callb
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -13,6 +14,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from metarun.trainers.common import objective, objective_cell
+from metarun.utils.checkpoint import atomic_file
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict]:
@@ -46,12 +48,12 @@ def best_row(rows: list[dict]) -> dict | None:
 
 def write_summary(rows: list[dict], path: Path) -> None:
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_file(path) as f:
+        f.write(text.getvalue().encode())
 
 
 def summary_table(rows: list[dict]) -> str:
