@@ -93,6 +93,8 @@ class LocomotionTaskConfig:
     name: str = "halfcheetah_vel"
     horizon: int = 200
     num_workers: int = 1
+    # passed to gymnasium's robot class, e.g. `+task.env_kwargs.terminate_when_unhealthy=false` (Ant)
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

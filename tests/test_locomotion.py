@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 
 pytest.importorskip("mujoco")
 pytest.importorskip("gymnasium")
@@ -16,6 +17,7 @@ import mujoco  # noqa: E402
 from metarun.envs import locomotion  # noqa: E402
 from metarun.envs.locomotion import ENVIRONMENTS, LocomotionTasks, make_env  # noqa: E402
 from metarun.utils.errors import DivergedError, MetarunError  # noqa: E402
+from tests.conftest import compose_config  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
@@ -275,6 +277,17 @@ def test_mask_after_termination_and_dead_envs_ignored():
     assert (data.rewards[:, :, 0] != 0).all() and (data.rewards[:, :, 1:] == 0).all()
     assert (data.observations[:, :, 1:] == 0).all() and (data.observations[:, :, 0] != 0).any(-1).all()
     assert torch.isfinite(data.actions).all() and (data.actions[:, :, 1:] == 0).all()
+
+
+@pytest.mark.parametrize("terminate", [True, False])
+def test_env_kwargs_from_the_command_line_reach_the_robot(terminate):
+    """`+task.env_kwargs.*` overrides compose and change the simulated episodes (here: Ant termination)."""
+    cfg = compose_config("task=ant_vel", "task.horizon=4", "+task.env_kwargs.healthy_z_range=[0.2,0.3]",
+                         f"+task.env_kwargs.terminate_when_unhealthy={str(terminate).lower()}")
+    with instantiate(cfg.task) as sampler:
+        data = sampler.rollout(lambda obs: torch.zeros(*obs.shape[:2], sampler.act_dim), [{"velocity": 1.0}], 2, seed=0)
+    expected = torch.tensor([1.0, 0, 0, 0]) if terminate else torch.ones(4)
+    assert torch.equal(data.mask, expected.expand(1, 2, 4))
 
 
 def test_unknown_environment_lists_known_ones():
