@@ -70,20 +70,33 @@ def compose(*overrides: str) -> DictConfig:
         return hydra_compose("config", overrides=list(overrides))
 
 
+def _checkpoint_name(target: str, evaluate: bool) -> str:
+    """resume continues last.pt; evaluate of a run folder tests best.pt when there is one."""
+    best = Path(target) / checkpoint.CHECKPOINT_DIR / checkpoint.BEST
+    return checkpoint.BEST if evaluate and best.is_file() else checkpoint.LAST
+
+
 def _saved_config(target: str, name: str) -> tuple[DictConfig, dict]:
     """The checkpointed run's own config, with the command line's ``key=value`` overrides on top."""
     state = checkpoint.load(target, name=name)
     saved = OmegaConf.create(state["config"])
+    schema = typed(saved)  # the saved config as this version reads it: newer fields at their defaults
     for override in OverridesParser.create().parse_overrides(HydraConfig.get().overrides.task):
         key = override.key_or_group
-        if key in ("resume", "evaluate"):
-            continue
-        if override.is_add() or override.is_delete() or isinstance(OmegaConf.select(saved, key), DictConfig):
+        if key in ("resume", "evaluate") or (key == "task" and override.value() == saved.task.name):
+            continue  # naming the run's own task changes nothing (main() adds it for composing)
+        current = OmegaConf.select(schema, key, default=_ABSENT)
+        parent = OmegaConf.select(schema, key.rpartition(".")[0]) if "." in key else None
+        # '+' only adds an entry to a free-form mapping such as task.env_kwargs, never a group
+        free_form = isinstance(parent, DictConfig) and OmegaConf.get_type(parent) is dict
+        if override.is_delete() or isinstance(current, DictConfig) or (override.is_add() and not free_form):
             raise ConfigError(f"'{override.input_line}': a resumed or evaluated run keeps its config groups; "
-                              "only key=value overrides such as trainer.iterations=N are allowed")
-        if OmegaConf.select(saved, key, default=_ABSENT) is _ABSENT:
-            raise ConfigError(f"'{override.input_line}': key '{key}' is not in the saved config of {target}")
-        OmegaConf.update(saved, key, override.value(), merge=False)
+                              "only key=value overrides such as trainer.iterations=N are allowed "
+                              "(and +key=value inside a mapping such as task.env_kwargs)")
+        if not override.is_add() and current is _ABSENT:
+            hint = " (add it with '+')" if free_form else ""
+            raise ConfigError(f"'{override.input_line}': key '{key}' is not in the saved config of {target}{hint}")
+        OmegaConf.update(saved, key, override.value(), merge=False, force_add=override.is_add())
     return typed(saved), state
 
 
@@ -94,10 +107,7 @@ def run(cfg: DictConfig) -> float:
     state = None
     target, eval_only = cfg.resume or cfg.evaluate, bool(cfg.evaluate)
     if target:
-        # resume continues last.pt; evaluate of a run folder tests best.pt when there is one
-        best = Path(target) / checkpoint.CHECKPOINT_DIR / checkpoint.BEST
-        name = checkpoint.BEST if cfg.evaluate and best.is_file() else checkpoint.LAST
-        cfg, state = _saved_config(target, name)
+        cfg, state = _saved_config(target, _checkpoint_name(target, eval_only))
     validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     write_provenance(cfg, run_dir) if not target else None
@@ -146,11 +156,28 @@ def _one_line(exc: BaseException) -> str:
     return text.replace("Available options in", "available options in").replace(": \t", ": ")
 
 
+def _with_the_runs_task(args: list[str]) -> list[str]:
+    """``resume=`` / ``evaluate=``: compose with the run's own task, which brings its model, algorithm
+    and trainer groups, so that Hydra accepts overrides of their keys (``task.horizon=...`` of an Ant
+    run is not a key of the default sinusoid task). run() then applies them to the saved config."""
+    targets = [(arg.split("=", 1)[1], arg.startswith("evaluate=")) for arg in args
+               if arg.startswith(("resume=", "evaluate="))]
+    if len(targets) != 1 or any(arg.lstrip("+~").startswith("task=") for arg in args):
+        return args  # nothing to resume, both given, or a task named: run() reports what is wrong
+    target, evaluate = targets[0]
+    try:
+        task = checkpoint.load(target, name=_checkpoint_name(target, evaluate))["config"]["task"]["name"]
+    except (MetarunError, KeyError, TypeError):
+        return args  # run() loads it again and reports a bad checkpoint in one line
+    return [*args, f"task={task}"]
+
+
 def main() -> None:
     """Console-script entry: Hydra does the work; user errors become one line and exit 2."""
     _register()
     full_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's printer
+    sys.argv[1:] = _with_the_runs_task(sys.argv[1:])
     try:
         hydra_main()
     except (_UserError, MetarunError, HydraException, OmegaConfBaseException) as exc:

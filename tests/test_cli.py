@@ -105,7 +105,8 @@ def test_resume_continues_in_the_same_folder_and_evaluate_writes_results(cli):
     proc = cli(f"evaluate={run / 'checkpoints' / 'last.pt'}")
     assert proc.returncode == 0, proc.stderr
     assert json.loads((run / "results.json").read_text())["iteration"] == 9
-    assert_one_line_error(cli(f"resume={run}", "task=sinusoid"), "task=sinusoid")
+    assert_one_line_error(cli(f"resume={run}", "task=omniglot"), "task=omniglot", "config groups")
+    assert cli(f"resume={run}", "task=sinusoid").returncode == 0  # its own task: nothing changes
     assert_one_line_error(cli(f"resume={run}", f"evaluate={run}"), "not both")
 
 

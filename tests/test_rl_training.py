@@ -40,6 +40,25 @@ def test_unknown_environment_is_one_line(cli):
 
 
 @pytest.mark.smoke
+def test_resume_and_evaluate_take_overrides_of_the_runs_own_task(cli):
+    # Hydra composes before metarun reads the checkpoint: task.horizon is a key of the Ant's task,
+    # not of the default sinusoid one, and env_kwargs is a mapping that takes new entries with '+'
+    assert cli("task=ant_dir", *TINY).returncode == 0
+    run = only_run_dir(cli.cwd)
+    proc = cli(f"resume={run}", "trainer.iterations=3", "task.horizon=5", "+task.env_kwargs.terminate_when_unhealthy=false")
+    assert proc.returncode == 0, proc.stderr
+    state = checkpoint.load(run)
+    assert state["iteration"] == 3 and state["config"]["task"]["horizon"] == 5
+    assert state["config"]["task"]["env_kwargs"] == {"terminate_when_unhealthy": False}
+    proc = cli(f"evaluate={run}", "trainer.test_tasks=3", "+task.env_kwargs.terminate_when_unhealthy=true")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "results.json").read_text())["test_tasks"] == 3
+    assert_one_line_error(cli(f"resume={run}", "task.horizn=5"), "horizn")
+    assert_one_line_error(cli(f"resume={run}", "task=navigation2d"), "task=navigation2d", "config groups")
+    assert_one_line_error(cli(f"resume={run}", "+trainer.extra=1"), "+trainer.extra=1", "config groups")
+
+
+@pytest.mark.smoke
 def test_rl_resume_is_exact(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     rl.run_rl(compose_config("task=navigation2d", *TINY, "trainer.iterations=4"), straight)
