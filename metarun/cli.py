@@ -126,9 +126,19 @@ class _UserError(BaseException):
 def hydra_main(cfg: DictConfig) -> float:
     try:
         return run(cfg)
-    except (MetarunError, HydraException, OmegaConfBaseException) as exc:  # instantiate wraps ours
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
         _log_to_files(f"metarun: error: {_one_line(exc)}")  # the run folder's log records why it stopped
         raise _UserError(exc) from exc
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """What gets one line instead of a traceback: our own errors, Hydra's and OmegaConf's (bad
+    overrides and configs; instantiate wraps ours), and an OSError about a path (a run folder
+    that cannot be made, a full disk, no permission). Anything else is a bug: its traceback stays."""
+    return (isinstance(exc, (_UserError, MetarunError, HydraException, OmegaConfBaseException))
+            or isinstance(exc, OSError) and exc.filename is not None)
 
 
 def _log_to_files(message: str) -> None:
@@ -180,7 +190,9 @@ def main() -> None:
     sys.argv[1:] = _with_the_runs_task(sys.argv[1:])
     try:
         hydra_main()
-    except (_UserError, MetarunError, HydraException, OmegaConfBaseException) as exc:
+    except (_UserError, Exception) as exc:
+        if not _is_user_error(exc):
+            raise
         if isinstance(exc, _UserError):
             exc = exc.args[0]
         if full_trace:

@@ -79,6 +79,11 @@ def test_bad_input_is_one_line_and_exit_2(cli, args, fragments):
     assert_one_line_error(cli(*args), *fragments)
 
 
+def test_a_run_folder_that_cannot_be_made_is_one_line(cli):
+    (cli.cwd / "taken").write_text("a file, not a folder")
+    assert_one_line_error(cli("debug=smoke", "hydra.run.dir=taken/run"), "Not a directory", "taken/run")
+
+
 def test_truncated_checkpoint_is_reported_and_left_alone(cli):
     assert cli("debug=smoke").returncode == 0
     run = only_run_dir(cli.cwd)
