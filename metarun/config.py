@@ -108,10 +108,11 @@ class GaussianPolicyConfig:
 @dataclass
 class MLPConfig:
     _target_: str = "metarun.models.MLP"
-    in_features: int = 1
-    out_features: int = 1
+    in_features: int | None = 1  # None: from the task (an image task gives its image size)
+    out_features: int | None = 1  # None: from the task (a classification task gives its ways)
     hidden_sizes: list[int] = field(default_factory=lambda: [40, 40])
     activation: str = "relu"
+    batch_norm: bool = False
 
 
 @dataclass

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
 
 from metarun.cli import CONFIG_DIR
 from metarun.config import validate
+from metarun.models import BatchStatNorm
 from metarun.utils.errors import ConfigError
 from tests.conftest import compose_config
 
@@ -93,6 +96,19 @@ def test_out_of_range_values_name_the_key(override, key):
     cfg = compose_config(override)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg)
+
+
+@pytest.mark.parametrize("shots", [1, 5])
+def test_noconv_presets_are_the_conv4_presets_with_the_papers_fc_network(shots):
+    conv = compose_config(f"experiment=omniglot_5w{shots}s")
+    fc = compose_config(f"experiment=omniglot_5w{shots}s_noconv")
+    for group in ("task", "algorithm", "trainer"):
+        assert fc[group] == conv[group], group
+    model = instantiate(fc.model, out_features=5, in_channels=1, image_size=28)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 256), (256, 128), (128, 64), (64, 64), (64, 5)]
+    assert sum(isinstance(m, BatchStatNorm) for m in model.modules()) == 4
+    assert model(torch.rand(7, 1, 28, 28)).shape == (7, 5)
 
 
 def test_mismatched_families_are_refused():

@@ -66,8 +66,9 @@ def test_impossible_episodes_are_refused(kwargs, message):
 
 
 @pytest.mark.smoke
-def test_omniglot_preset_runs_end_to_end_on_real_data(cli, omniglot_cache):
-    proc = cli("experiment=omniglot_5w1s", "debug=smoke", f"task.data_dir={DATA_DIR}",
+@pytest.mark.parametrize("preset", ["omniglot_5w1s", "omniglot_5w1s_noconv"])
+def test_omniglot_preset_runs_end_to_end_on_real_data(cli, omniglot_cache, preset):
+    proc = cli(f"experiment={preset}", "debug=smoke", f"task.data_dir={DATA_DIR}",
                f"task.cache_dir={omniglot_cache}", "task.progress=false", "trainer.test_tasks=10")
     assert proc.returncode == 0, proc.stderr
     run = only_run_dir(cli.cwd)

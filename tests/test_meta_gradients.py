@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from metarun.meta import TaskBatch, hvp, meta_loss
 from metarun.meta import gradcheck as gc
-from metarun.models import MLP, BatchStatNorm2d, Conv4
+from metarun.models import MLP, BatchStatNorm, Conv4
 from metarun.tasks.sinusoid import SinusoidTasks
 
 pytestmark = pytest.mark.unit
@@ -39,6 +39,12 @@ def episodes(num_tasks=3, ways=3, shots=1, queries=2, channels=1, size=28, seed=
     return TaskBatch(support_x, labels[0], query_x, labels[1])
 
 
+def mlp_images(size=8):
+    """The paper's non-convolutional classifier (batch norm per hidden layer), narrower."""
+    torch.manual_seed(0)
+    return MLP(out_features=3, hidden_sizes=(12, 8), batch_norm=True, in_channels=1, image_size=size).double()
+
+
 def conv4(downsample="stride", channels=1, size=28):
     torch.manual_seed(0)
     return Conv4(channels, 3, hidden=8, image_size=size, downsample=downsample).double()
@@ -48,6 +54,7 @@ def conv4(downsample="stride", channels=1, size=28):
 CASES = {
     "mlp_relu": (lambda: mlp("relu"), sinusoid_tasks, F.mse_loss, 0.01),
     "mlp_tanh": (lambda: mlp("tanh"), sinusoid_tasks, F.mse_loss, 0.05),
+    "mlp_bn_images": (mlp_images, lambda: episodes(size=8), F.cross_entropy, 0.4),
     "conv4_omniglot": (conv4, episodes, F.cross_entropy, 0.4),
     "conv4_maxpool": (lambda: conv4("maxpool", 3, 20), lambda: episodes(channels=3, size=20), F.cross_entropy, 0.01),
 }
@@ -150,14 +157,15 @@ class FunctionalBatchNorm(torch.nn.Module):
         return F.batch_norm(x, None, None, self.weight, self.bias, training=True)
 
 
-def test_batch_stat_norm_equals_batch_norm_forward():
+@pytest.mark.parametrize("reference, shape", [(torch.nn.BatchNorm1d, (10, 6)), (torch.nn.BatchNorm2d, (10, 6, 5, 5))])
+def test_batch_stat_norm_equals_batch_norm_forward(reference, shape):
     torch.manual_seed(0)
-    ours, ref = BatchStatNorm2d(6).double(), torch.nn.BatchNorm2d(6, track_running_stats=False).double()
+    ours, ref = BatchStatNorm(6).double(), reference(6, track_running_stats=False).double()
     with torch.no_grad():
         ours.weight.uniform_(0.5, 1.5)
         ours.bias.uniform_(-1, 1)
         ref.load_state_dict(ours.state_dict())
-    x = torch.randn(10, 6, 5, 5, dtype=torch.float64) * 3 + 1
+    x = torch.randn(*shape, dtype=torch.float64) * 3 + 1
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
 
 
@@ -167,7 +175,7 @@ def test_functional_batch_norm_under_vmap_is_the_trap_we_avoid():
     fixes this, this test fails and says so: the composite norm can then be reconsidered."""
     model = conv4()
     for i, layer in enumerate(model.features):
-        if isinstance(layer, BatchStatNorm2d):
+        if isinstance(layer, BatchStatNorm):
             swapped = FunctionalBatchNorm(layer.weight.numel()).double()
             swapped.load_state_dict(layer.state_dict())
             model.features[i] = swapped

@@ -1,7 +1,8 @@
 """Plain network modules; no meta-learning logic lives here."""
 
-from metarun.models.conv4 import BatchStatNorm2d, Conv4
+from metarun.models.conv4 import Conv4
 from metarun.models.mlp import MLP
+from metarun.models.norm import BatchStatNorm
 from metarun.models.policy import GaussianPolicy
 
-__all__ = ["MLP", "Conv4", "BatchStatNorm2d", "GaussianPolicy"]
+__all__ = ["MLP", "Conv4", "BatchStatNorm", "GaussianPolicy"]

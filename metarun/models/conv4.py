@@ -1,42 +1,16 @@
-"""The MAML paper's four-block convolutional network, with vmap-safe batch normalization.
+"""The MAML paper's four-block convolutional network.
 
 Each block is 3x3 conv -> batch norm -> ReLU, then either stride 2 (Omniglot) or 2x2 max-pool
 (MiniImagenet); a linear head classifies. Normalization always uses the statistics of the batch
-it is given, at training and at test time, as in the paper's code: under ``vmap`` that is each
-task's support set or query set on its own.
-
-Why not ``nn.BatchNorm2d`` / ``F.batch_norm``: under ``torch.func.vmap`` their second-order
-meta-gradients are wrong by 0.5-3 % (measured with torch 2.13 on CPU and 2.11 on CUDA; first
-order is fine). :class:`BatchStatNorm2d` writes the same normalization with primitive ops
-(mean, variance, scale, shift) and matches the per-task loop to ~1e-15 in float64; the
-correctness harness (tests/test_meta_gradients.py) holds it to that.
+it is given, at training and at test time, as in the paper's code (:class:`BatchStatNorm`, which
+says why it is not ``nn.BatchNorm2d``).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-
-class BatchStatNorm2d(nn.Module):
-    """Batch normalization from batch statistics only (no running averages), affine.
-
-    Args:
-        channels: number of feature maps.
-        eps: added to the variance, as in ``nn.BatchNorm2d``.
-    """
-
-    def __init__(self, channels: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: Tensor) -> Tensor:
-        mean = x.mean(dim=(0, 2, 3), keepdim=True)
-        var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)  # biased, as batch norm uses
-        x_hat = (x - mean) * torch.rsqrt(var + self.eps)
-        return x_hat * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+from metarun.models.norm import BatchStatNorm
 
 
 class Conv4(nn.Module):
@@ -67,7 +41,7 @@ class Conv4(nn.Module):
         channels, size = in_channels, image_size
         for _ in range(blocks):
             stride = 2 if downsample == "stride" else 1
-            layers += [nn.Conv2d(channels, hidden, 3, stride=stride, padding=1), BatchStatNorm2d(hidden), nn.ReLU()]
+            layers += [nn.Conv2d(channels, hidden, 3, stride=stride, padding=1), BatchStatNorm(hidden), nn.ReLU()]
             if downsample == "maxpool":
                 layers.append(nn.MaxPool2d(2))
                 size = size // 2
