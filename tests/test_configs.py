@@ -55,6 +55,21 @@ def test_fomaml_is_maml_with_first_order():
     assert cfg.algorithm.first_order is True and cfg.algorithm.inner_lr == 0.01
 
 
+@pytest.mark.parametrize("preset", [p for p in options("experiment") if p.startswith(("omniglot", "miniimagenet"))])
+def test_fomaml_on_a_preset_keeps_its_hyperparameters(preset):
+    """The paper's first-order rows: `experiment=<preset> algorithm=fomaml` swaps only the order,
+    not the preset's alpha, steps or meta-batch for the algorithm file's sinusoid defaults."""
+    second = compose_config(f"experiment={preset}")
+    first = compose_config(f"experiment={preset}", "algorithm=fomaml")
+    assert (first.algorithm.name, first.algorithm.first_order) == ("fomaml", True)
+    assert second.algorithm.first_order is False
+    for key in second.algorithm:
+        if key not in ("name", "first_order"):
+            assert first.algorithm[key] == second.algorithm[key], key
+    for group in ("task", "model", "trainer"):
+        assert first[group] == second[group], group
+
+
 def test_command_line_model_wins_over_task_preset():
     cfg = compose_config("task=sinusoid", "model.hidden_sizes=[8]")
     assert list(cfg.model.hidden_sizes) == [8]
