@@ -54,6 +54,23 @@ def test_episodes_are_seeded_and_split_aware():
 
 
 @pytest.mark.unit
+
+@pytest.mark.unit
+def test_episodes_are_uniform_random_permutations():
+    """Classes and images are the first entries of a uniform random permutation per task (the
+    reference: a full sort of the same uniform draws; ties may come out in either order), and every
+    class is equally likely in every slot."""
+    family = FewShotClassification(synthetic_splits(classes=(40, 5, 5), images=6), ways=5, shots=1,
+                                   queries=2, test_queries=2)
+    batch = family.sample(4000, 1, 2, torch.Generator().manual_seed(1))
+    reference = torch.Generator().manual_seed(1)
+    for draws, chosen in ((torch.rand(4000, 40, generator=reference), batch.classes),
+                          (torch.rand(4000, 5, 6, generator=reference), batch.images)):
+        k = chosen.shape[-1]
+        assert torch.equal(draws.gather(-1, chosen), draws.sort(dim=-1).values[..., :k])
+    # each of the 40 classes in each of the 5 label slots: 100 expected, sd about 10
+    counts = torch.zeros(5, 40).scatter_add_(1, batch.classes.T, torch.ones(5, 4000))
+    assert counts.min() > 55 and counts.max() < 145
 @pytest.mark.parametrize("kwargs,message", [
     ({"ways": 5}, "task.ways=5 is more than the 4 classes of the val split"),
     ({"shots": 4, "queries": 3}, "task.shots + task.queries = 7 is more than the 6 images"),
