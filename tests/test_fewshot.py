@@ -54,8 +54,6 @@ def test_episodes_are_seeded_and_split_aware():
 
 
 @pytest.mark.unit
-
-@pytest.mark.unit
 def test_episodes_are_uniform_random_permutations():
     """Classes and images are the first entries of a uniform random permutation per task (the
     reference: a full sort of the same uniform draws; ties may come out in either order), and every
@@ -71,6 +69,9 @@ def test_episodes_are_uniform_random_permutations():
     # each of the 40 classes in each of the 5 label slots: 100 expected, sd about 10
     counts = torch.zeros(5, 40).scatter_add_(1, batch.classes.T, torch.ones(5, 4000))
     assert counts.min() > 55 and counts.max() < 145
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("kwargs,message", [
     ({"ways": 5}, "task.ways=5 is more than the 4 classes of the val split"),
     ({"shots": 4, "queries": 3}, "task.shots + task.queries = 7 is more than the 6 images"),
