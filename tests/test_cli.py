@@ -79,6 +79,14 @@ def test_bad_input_is_one_line_and_exit_2(cli, args, fragments):
     assert_one_line_error(cli(*args), *fragments)
 
 
+def test_an_error_after_the_run_folder_exists_is_kept_in_its_log(cli):
+    proc = cli("debug=smoke", "device=cpu", "trainer.cuda_graph=true")  # fails in the trainer's set-up
+    assert_one_line_error(proc, "trainer.cuda_graph=true needs a CUDA device")
+    run = only_run_dir(cli.cwd)
+    assert (run / "config.yaml").is_file()
+    assert (run / "metarun.log").read_text().splitlines()[-1].endswith(proc.stderr.strip())
+
+
 def test_a_run_folder_that_cannot_be_made_is_one_line(cli):
     (cli.cwd / "taken").write_text("a file, not a folder")
     assert_one_line_error(cli("debug=smoke", "hydra.run.dir=taken/run"), "Not a directory", "taken/run")
