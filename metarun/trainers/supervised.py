@@ -96,11 +96,17 @@ def sample_meta_batch(run: Run, generator: torch.Generator | None = None) -> Tas
                            generator or run.generators["train"]).tasks
 
 
+def fixed_generator(run: Run, seed: int) -> torch.Generator:
+    """A generator for a fixed task set (validation, test, the batching probe), apart from the
+    training stream."""
+    return torch.Generator(device=run.device).manual_seed(seed)
+
+
 def measure_batching(run: Run, seed: int = 12345) -> str:
     """Time one meta-step of each batching (after a warm-up) on a throwaway copy of the model and
     a meta-batch from a separate generator, so the run itself is untouched; return the faster."""
     alg = run.cfg.algorithm
-    tasks = sample_meta_batch(run, torch.Generator(device=run.device).manual_seed(seed))
+    tasks = sample_meta_batch(run, fixed_generator(run, seed))
     model = copy.deepcopy(run.model)
     times = {}
     for batching in ("loop", "vmap"):
@@ -113,11 +119,6 @@ def measure_batching(run: Run, seed: int = 12345) -> str:
             times[batching] = time.perf_counter() - start
     log.info("batching=auto measured ms/step: loop %.1f, vmap %.1f", times["loop"] * 1e3, times["vmap"] * 1e3)
     return min(times, key=times.get)
-
-
-def fixed_generator(run: Run, seed: int) -> torch.Generator:
-    """A generator for a fixed task set (validation, test), apart from the training stream."""
-    return torch.Generator(device=run.device).manual_seed(seed)
 
 
 # --- 2. checkpoints and resume --------------------------------------------------------------------
