@@ -96,13 +96,15 @@ def test_omniglot_preset_runs_end_to_end_on_real_data(cli, omniglot_cache, prese
         assert 0.0 <= value["mean"] <= 1.0
     assert (run / "checkpoints" / "best.pt").is_file()
     assert "1-shot" in proc.stdout
+    assert f"Omniglot: read the 28x28 cache {omniglot_cache / 'omniglot_28x28_uint8_v1.pt'}" in (run / "metarun.log").read_text()
 
 
 @pytest.mark.smoke
 def test_omniglot_missing_data_offline_is_one_line(cli, tmp_path):
-    proc = cli("task=omniglot", f"task.data_dir={tmp_path / 'empty'}", f"task.cache_dir={tmp_path / 'c'}",
-               "task.download=false")
-    assert_one_line_error(proc, "images_background.zip")
+    """The message names the absolute folders it looked in and both ways to point elsewhere."""
+    proc = cli("task=omniglot", "task.data_dir=empty", f"task.cache_dir={tmp_path / 'c'}", "task.download=false")
+    assert_one_line_error(proc, "images_background.zip", f"in {cli.cwd / 'empty'} and {cli.cwd / 'empty' / 'omniglot'}",
+                          "task.data_dir=", "METARUN_DATA_DIR")
 
 
 def write_pickles(root, classes=(5, 5, 5), images=20):

@@ -285,6 +285,34 @@ def test_tiny_bad_input_is_one_line_naming_the_file(tiny, tmp_path, set_name, ch
     assert not cache_dir.exists() or not any(cache_dir.iterdir())  # no cache, no temp file
 
 
+def test_tiny_damaged_zip_member_names_the_archive_and_the_member(tiny, tmp_path):
+    """The zip's directory is intact but one member's compressed bytes are not: zlib fails while
+    decoding, and the message says which archive and which member."""
+    write_zip(tmp_path, "background")
+    path = write_zip(tmp_path, "evaluation")
+    member = "images_evaluation/Dd/character01/0102_03.png"
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(member)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    data_start = info.header_offset + 30 + name_len + extra_len
+    raw[data_start:data_start + 4] = b"\xff\xff\xff\xff"  # deflate block type 3: invalid
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError) as error:
+        load_omniglot(tmp_path, tmp_path / "cache", download=False, progress=False)
+    assert str(error.value).startswith(f"{path}: member {member} cannot be read (Error -3 while decompressing")
+
+
+def test_tiny_unidentifiable_png_is_named_without_pils_buffer(tiny, tmp_path):
+    for s in omniglot.SETS:
+        write_zip(tmp_path, s, {"Aa/character01/0001_01.png": b"GIF89a but not an image"} if s == "background" else None)
+    with pytest.raises(DataError) as error:
+        load_omniglot(tmp_path, tmp_path / "cache", download=False, progress=False)
+    assert str(error.value) == (f"{tmp_path / 'images_background.zip'}: Aa/character01/0001_01.png is not a "
+                                "readable PNG (not an image PIL recognises)")
+
+
 def test_tiny_not_a_zip(tiny, tmp_path):
     write_zip(tmp_path, "background")
     (tmp_path / "images_evaluation.zip").write_bytes(b"not a zip")

@@ -31,6 +31,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("METARUN_CACHE_DIR", "~/.cache/metarun")).expanduser()
 
 
+def where_data_goes(what: str) -> str:
+    """The end of a data-not-found message: the two ways to point metarun at another folder."""
+    return (f"point task.data_dir=FOLDER (or the environment variable METARUN_DATA_DIR) at the folder that "
+            f"holds {what}; by default metarun looks in ./data under the folder it is started from")
+
+
 def one_line(e: BaseException) -> str:
     """An exception's message on one line (for a DataError that quotes it)."""
     return " ".join(str(e).split()) or type(e).__name__

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import os
 import pickle
 from collections.abc import Iterable
@@ -84,7 +85,10 @@ from metarun.data.cache import (
     load_cache,
     one_line,
     save_cache,
+    where_data_goes,
 )
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 """The three splits, in the order they are converted and stored."""
@@ -274,11 +278,12 @@ def _find_splits_dir(root: Path, data_dir: Path, splits_dir: Path | None) -> Pat
 
 def _not_found_message(data_dir: Path) -> str:
     home = data_dir / "miniimagenet"
-    return (f"MiniImagenet not found in {data_dir} (task.data_dir): no stable public download exists; obtain "
+    return (f"MiniImagenet not found in {data_dir}: no stable public download exists; obtain "
             f"the images yourself (ImageNet terms apply; see the docstring of metarun.data.miniimagenet) and "
             f"put them in one of: {home}/images/*.jpg + split CSVs (train.csv, val.csv, test.csv), "
             f"{home}/{{train,val,test}}/<wnid>/*.jpg, or "
-            f"{home}/mini-imagenet-cache-{{train,validation,test}}.pkl (or the same directly in {data_dir})")
+            f"{home}/mini-imagenet-cache-{{train,validation,test}}.pkl (or the same directly in {data_dir}); "
+            f"or {where_data_goes('them')}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -516,6 +521,7 @@ def _write_cache(data: MiniImagenetData, path: Path, source: _Source, images_per
         "splits": {split: {"images": data[split].images, "classes": data[split].classes} for split in SPLITS},
     }
     save_cache(payload, path, "MiniImagenet")
+    log.info("MiniImagenet: built the 84x84 cache %s from %s (%s layout)", path, source.root, source.layout)
 
 
 def load_miniimagenet(data_dir: Path | None = None, cache_dir: Path | None = None,
@@ -545,9 +551,9 @@ def load_miniimagenet(data_dir: Path | None = None, cache_dir: Path | None = Non
         DataError: the data is missing (the message says how to get it), or a file is corrupt or
             inconsistent (the message names it). Nothing is written to the cache folder then.
     """
-    data_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
-    cache_dir = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser()
-    splits_dir = Path(splits_dir).expanduser() if splits_dir is not None else None
+    data_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser().absolute()
+    cache_dir = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser().absolute()
+    splits_dir = Path(splits_dir).expanduser().absolute() if splits_dir is not None else None
     if images_per_class < 1:
         raise DataError(f"images_per_class must be at least 1, got {images_per_class}")
     cache_path = cache_dir / CACHE_NAME
@@ -557,6 +563,7 @@ def load_miniimagenet(data_dir: Path | None = None, cache_dir: Path | None = Non
         cached = _read_cache(cache_path, images_per_class, fingerprint=None)
         if cached is None:
             raise DataError(_not_found_message(data_dir))
+        log.info("MiniImagenet: read the 84x84 cache %s (the images are not in %s)", cache_path, data_dir)
         return cached
 
     csv_classes = read_split_csvs(source.splits_dir) if source.splits_dir is not None else None
@@ -569,6 +576,7 @@ def load_miniimagenet(data_dir: Path | None = None, cache_dir: Path | None = Non
 
     cached = _read_cache(cache_path, images_per_class, fingerprint)
     if cached is not None:
+        log.info("MiniImagenet: read the 84x84 cache %s (source: %s)", cache_path, source.root)
         return cached
     if source.layout == "pickle":
         data = _convert_pickles(source, csv_classes, images_per_class, progress)

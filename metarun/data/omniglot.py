@@ -28,17 +28,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import random
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from metarun.data.cache import (
@@ -48,8 +50,11 @@ from metarun.data.cache import (
     load_cache,
     one_line,
     save_cache,
+    where_data_goes,
 )
 from metarun.utils.checkpoint import atomic_file
+
+log = logging.getLogger(__name__)
 
 SETS = ("background", "evaluation")
 """The two official halves, in the order their characters appear in :class:`OmniglotData`."""
@@ -198,8 +203,9 @@ class _Source:
             if self._zip is not None:
                 return self._zip.read(f"{self.top}/{relative}")
             return (self.path / relative).read_bytes()
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise DataError(f"{self.path}: {relative} cannot be read ({one_line(e)})") from e
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:  # zlib: a member's bytes are damaged
+            member = f"member {self.top}/{relative}" if self._zip is not None else relative
+            raise DataError(f"{self.path}: {member} cannot be read ({one_line(e)})") from e
 
 
 def _hidden(parts) -> bool:
@@ -244,8 +250,9 @@ def _check_structure(source: _Source, tree: dict[str, dict[str, list[str]]]) -> 
 
 def _missing_message(names: list[str], data_dir: Path, reason: str) -> str:
     files = " and ".join(f"images_{s}.zip" for s in names)
-    return (f"Omniglot not found {reason}: put {files} from github.com/brendenlake/omniglot/python "
-            f"into {data_dir}")
+    return (f"Omniglot not found {reason}: looked for {files} (from github.com/brendenlake/omniglot/python) "
+            f"or their extracted folders in {data_dir} and {data_dir / 'omniglot'}; put them there, or "
+            f"{where_data_goes('them')}")
 
 
 def _download(set_name: str, cache_dir: Path, progress: bool) -> Path:
@@ -318,6 +325,9 @@ def _decode_all(sources: list[tuple[_Source, dict[str, dict[str, list[str]]]]],
                     images[row, j] = _to_28x28(png)
                 except _WrongSize as e:
                     raise DataError(f"{source.path}: {relative}: {e}") from e
+                except UnidentifiedImageError as e:  # PIL's message names only its in-memory buffer
+                    raise DataError(f"{source.path}: {relative} is not a readable PNG (not an image PIL "
+                                    "recognises)") from e
                 except Exception as e:
                     raise DataError(f"{source.path}: {relative} is not a readable PNG ({one_line(e)})") from e
             bar.update(DRAWINGS)
@@ -352,8 +362,8 @@ def load_omniglot(data_dir: Path | None = None, cache_dir: Path | None = None, d
         DataError: a set is missing and cannot be downloaded, a download is corrupt, or a file breaks
             the official structure; the one-line message names the file and the problem.
     """
-    data_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
-    cache_dir = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser()
+    data_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser().absolute()
+    cache_dir = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser().absolute()
 
     paths = {s: _find_source(s, data_dir, cache_dir) for s in SETS}
     missing = [s for s in SETS if paths[s] is None]
@@ -372,6 +382,7 @@ def load_omniglot(data_dir: Path | None = None, cache_dir: Path | None = None, d
         cache_path = cache_dir / CACHE_NAME
         cached = load_cache(cache_path)
         if _cache_matches(cached, fingerprint):
+            log.info("Omniglot: read the 28x28 cache %s (sources: %s)", cache_path, ", ".join(map(str, paths.values())))
             return OmniglotData(images=cached["images"], characters=[tuple(c) for c in cached["characters"]])
 
         for source, (tree, _) in zip(sources, scans):
@@ -380,6 +391,7 @@ def load_omniglot(data_dir: Path | None = None, cache_dir: Path | None = None, d
 
     save_cache({"version": CACHE_VERSION, "fingerprint": fingerprint, "images": data.images,
                 "characters": data.characters}, cache_path, "Omniglot")
+    log.info("Omniglot: built the 28x28 cache %s from %s", cache_path, ", ".join(map(str, paths.values())))
     return data
 
 
