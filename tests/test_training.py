@@ -147,6 +147,17 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+def test_atomic_files_get_the_mode_of_any_new_file(tmp_path):
+    """Not the 0600 of a temp file: 0666 less the umask, so others can read results on a shared machine."""
+    before = os.umask(0o027)
+    try:
+        checkpoint.save_atomic({"a": 1}, tmp_path / "a.pt")
+        (tmp_path / "plain").write_text("")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "a.pt").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o640
+
+
 def test_unreadable_or_foreign_checkpoints_raise_one_error(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

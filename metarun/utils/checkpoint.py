@@ -30,11 +30,13 @@ BEST = "best.pt"  # the best validation score so far
 def atomic_file(path: str | Path, suffix: str = ".tmp") -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through: a temp file in the same folder, synced to disk
     and renamed over ``path`` when the block ends, removed if the block raises. Readers never
-    see half a file."""
+    see half a file. The file gets the mode any new file gets (0666 less the umask, e.g. 0644),
+    not the 0600 of a temp file, so collaborators can read results on a shared machine."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -43,6 +45,13 @@ def atomic_file(path: str | Path, suffix: str = ".tmp") -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
