@@ -11,11 +11,15 @@ top-level keys.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from metarun.utils.errors import ConfigError
@@ -177,7 +181,8 @@ class SupervisedTrainerConfig:
     test_tasks: int = 600
     test_seed: int = 1_000_003
     val_seed: int = 1_000_033
-    report_steps: list[int] = field(default_factory=lambda: [1, 5, 10])
+    report_steps: list[int] = field(default_factory=lambda: [0, 1, 5, 10])
+    divergence_ratio: float = 10.0
     num_threads: int | None = None
     progress: bool = True
     max_minutes: float | None = None
@@ -220,6 +225,51 @@ def typed(cfg: DictConfig) -> DictConfig:
             raise ConfigError(f"{group}.{key}={choice!r} is not known (known: {', '.join(sorted(table))})")
         out[group] = OmegaConf.merge(OmegaConf.structured(table[choice]), cfg[group])
     return out
+
+
+def flat_keys(cfg: DictConfig) -> list[str]:
+    """Every key of a config as a dotted path (``trainer``, ``trainer.iterations``, ...)."""
+
+    def walk(node: dict, prefix: str) -> list[str]:
+        out = []
+        for key, value in node.items():
+            out.append(prefix + str(key))
+            if isinstance(value, dict):
+                out += walk(value, f"{prefix}{key}.")
+        return out
+
+    return walk(OmegaConf.to_container(cfg, resolve=False), "")
+
+
+def nearest_key(key: str, keys: list[str]) -> str | None:
+    """The key of ``keys`` closest in spelling to ``key`` (a typo's intended key), if any is close."""
+    matches = difflib.get_close_matches(key, [k for k in keys if k != key], n=1, cutoff=0.75)
+    return matches[0] if matches else None
+
+
+def unknown_key_message(key: str, keys: list[str]) -> str:
+    near = nearest_key(key, keys)
+    return f"{key} is not a key of the config" + (f"; did you mean {near}?" if near else "")
+
+
+def check_added_keys(cfg: DictConfig, overrides: list[str], config_dir: Path) -> None:
+    """``+key=value`` may add a key only inside a free-form mapping (``task.env_kwargs``): anywhere
+    else the schema knows every key, so a new one is a typo that would run the default. Config groups
+    (``+experiment=...``) and Hydra's own keys are left to Hydra. Raises :class:`ConfigError`."""
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if not (override.is_add() or override.is_force_add()) or key.startswith("hydra") or "/" in key:
+            continue
+        if (config_dir / key).is_dir():  # a config group
+            continue
+        parent_key, _, name = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        schema = OmegaConf.get_type(parent) if isinstance(parent, DictConfig) else None
+        if schema is dict or (dataclasses.is_dataclass(schema) and name in {f.name for f in dataclasses.fields(schema)}):
+            continue  # inside a free-form mapping, or a key the schema has ('++key=value' sets it)
+        keys = [k for k in flat_keys(cfg) if k != key]
+        raise ConfigError(f"'{override.input_line}': {unknown_key_message(key, keys)} ('+' adds keys only "
+                          f"inside a free-form mapping such as task.env_kwargs)")
 
 
 def register_configs() -> None:
@@ -284,6 +334,7 @@ def validate(cfg: DictConfig) -> None:
         need(task.test_queries >= 1, "task.test_queries", ">= 1", task.test_queries)
     need(tr.val_interval >= 1, "trainer.val_interval", ">= 1", tr.val_interval)
     need(tr.val_tasks >= 1, "trainer.val_tasks", ">= 1", tr.val_tasks)
+    need(tr.divergence_ratio > 1, "trainer.divergence_ratio", "> 1", tr.divergence_ratio)
     if tr.cuda_graph:  # their fresh state is all zeros, which the graph's warm-up restores
         need(alg.outer_optimizer._target_ in ("torch.optim.Adam", "torch.optim.AdamW"),
              "algorithm.outer_optimizer._target_", "torch.optim.Adam or AdamW with trainer.cuda_graph=true",

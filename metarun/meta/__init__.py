@@ -2,6 +2,7 @@
 
 from metarun.meta.hvp import hvp, hvp_operator
 from metarun.meta.maml import (
+    Curve,
     MetaOutput,
     TaskBatch,
     adapt,
@@ -14,6 +15,7 @@ from metarun.meta.maml import (
 )
 
 __all__ = [
+    "Curve",
     "MetaOutput",
     "TaskBatch",
     "adapt",

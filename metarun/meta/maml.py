@@ -173,6 +173,13 @@ def meta_loss(
     return MetaOutput(task_losses.mean(), task_losses, outputs)
 
 
+class Curve(NamedTuple):
+    """What :func:`adaptation_curve` records, each ``[inner_steps + 1, tasks]``."""
+
+    metric: Tensor  # the task family's metric on each query set after 0, 1, ... steps
+    loss: Tensor  # the query loss at the same points (a task diverged where it grows far above step 0)
+
+
 def adaptation_curve(
     model: nn.Module,
     params: Params,
@@ -181,10 +188,10 @@ def adaptation_curve(
     metric_fn: Callable[[Tensor, Tensor], Tensor],
     inner_lr: float,
     inner_steps: int,
-) -> Tensor:
-    """``metric_fn`` on each task's query set after 0, 1, ..., ``inner_steps`` inner steps.
+) -> Curve:
+    """``metric_fn`` and ``loss_fn`` on each task's query set after 0, 1, ..., ``inner_steps`` inner steps.
 
-    For evaluation: no graph is kept. Returns a tensor of shape ``[inner_steps + 1, tasks]``.
+    For evaluation: no graph is kept. Returns a :class:`Curve` of two ``[inner_steps + 1, tasks]`` tensors.
     """
     params = {k: p.detach() for k, p in params.items()}
 
@@ -192,13 +199,15 @@ def adaptation_curve(
         fast, values = params, []
         step = grad(lambda p: task_loss(model, p, sx, sy, loss_fn))
         for i in range(inner_steps + 1):
-            values.append(metric_fn(functional_call(model, fast, (qx,)), qy))
+            out = functional_call(model, fast, (qx,))
+            values.append(torch.stack([metric_fn(out, qy), loss_fn(out, qy)]))
             if i < inner_steps:
                 g = step(fast)
                 fast = {k: p - inner_lr * g[k] for k, p in fast.items()}
-        return torch.stack(values)
+        return torch.stack(values)  # [steps + 1, 2]
 
-    return vmap(one_task)(*tasks).T
+    curves = vmap(one_task)(*tasks)  # [tasks, steps + 1, 2]
+    return Curve(curves[..., 0].T, curves[..., 1].T)
 
 
 def resolve_batching(batching: str, device: torch.device, model: nn.Module) -> str | None:

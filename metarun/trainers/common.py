@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
+from metarun.utils import checkpoint
 from metarun.utils.checkpoint import atomic_file
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,15 @@ class TrainClock:
             self.start = time.perf_counter()
 
 
+def last_good_checkpoint(run_dir: Path, iteration: int, interval: int) -> str:
+    """The end of a divergence message: where training can be resumed from, if anywhere."""
+    path = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST
+    if iteration > 0 and path.is_file():
+        return f"Last good checkpoint: iteration {iteration}, {path}"
+    return (f"No checkpoint had been written yet (the first was due at iteration {interval}, "
+            f"trainer.checkpoint_interval); the log and TensorBoard events are in {run_dir}")
+
+
 def training_summary(iterations: int, seconds: float | None) -> dict:
     """The ``training`` entry of results.json: how long the evaluated run trained."""
     per = seconds / iterations * 1e3 if seconds is not None and iterations > 0 else None
@@ -118,12 +128,29 @@ def mean_ci(values: torch.Tensor) -> tuple[float, float]:
     return float(values.mean()), float(1.96 * values.std(unbiased=True) / math.sqrt(values.numel()))
 
 
-def summarize(values: torch.Tensor) -> dict:
-    """``mean`` and ``ci95`` over the tasks; where adaptation diverged on some task (a non-finite
-    metric) both are null and ``nonfinite_tasks`` says on how many: no number hides it."""
+def summarize(values: torch.Tensor, diverged: torch.Tensor | None = None) -> dict:
+    """One cell of results.json: ``mean`` and ``ci95`` over the tasks, and their ``median``.
+
+    Where a task's metric is not finite, ``mean`` and ``ci95`` are null (no number hides it) and
+    ``nonfinite_tasks`` says on how many. ``diverged`` (a bool per task, see :func:`diverged_tasks`)
+    adds ``diverged_tasks`` and the mean and interval over the other tasks beside the full ones."""
     bad = int((~torch.isfinite(values)).sum())
     mean, ci = mean_ci(values) if bad == 0 else (None, None)
-    return {"mean": mean, "ci95": ci, "nonfinite_tasks": bad}
+    cell = {"mean": mean, "ci95": ci, "median": float(values.double().median()) if bad == 0 else None,
+            "nonfinite_tasks": bad}
+    if diverged is not None:
+        kept = values[~diverged]
+        cell["diverged_tasks"] = int(diverged.sum())
+        cell["mean_without_diverged"], cell["ci95_without_diverged"] = (
+            mean_ci(kept) if kept.numel() >= 2 else (None, None))
+    return cell
+
+
+def diverged_tasks(loss: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Which tasks diverged after each number of inner steps: the query loss is not finite or ends
+    more than ``ratio`` times above the same task's loss before adapting. ``loss`` is
+    ``[steps + 1, tasks]``; so is the result (row 0 is all False)."""
+    return ~torch.isfinite(loss) | (loss > ratio * loss[:1])
 
 
 def write_results(run_dir: Path, results: dict) -> Path:
@@ -135,28 +162,65 @@ def write_results(run_dir: Path, results: dict) -> Path:
 
 
 def objective_cell(results: dict) -> tuple[str, dict]:
-    """The result a sweep compares: the metric after the most inner steps reported, for the first
-    entry of ``results["results"]`` (the first test K). Returns its name, e.g. ``"1-shot accuracy
-    after 3 steps"``, and its cell (``mean``, ``ci95``, ``nonfinite_tasks``)."""
-    group, row = next(iter(results["results"].items()))
+    """The result a sweep compares and the table's headline: the metric after the most inner steps
+    reported, for the entry of ``results["results"]`` named by ``results["headline"]`` (the K the
+    model was trained with; the first entry in results written before it existed). Returns its name,
+    e.g. ``"1-shot accuracy after 3 steps"``, and its cell."""
+    group = results.get("headline") or next(iter(results["results"]))
+    row = results["results"][group]
     key = max(row, key=lambda k: int(k.split("_")[1]))  # after_<n>_steps
     label = f"{results['metric']} {key.replace('_', ' ')}"
     return (label if group == results["metric"] else f"{group} {label}"), row[key]
 
 
 def objective(results: dict) -> float:
-    """The objective cell's mean, what ``metarun`` returns to sweepers; NaN if adaptation diverged."""
+    """The objective cell's mean (all tasks), what ``metarun`` returns to sweepers; NaN where a
+    task's metric is not finite."""
     value = objective_cell(results)[1]["mean"]
     return float("nan") if value is None else value
 
 
+def number(value: float | None) -> str:
+    """A result in at most 10 characters: 4 decimals, or scientific notation where that would
+    hide the value (very large or very small)."""
+    if value is None:
+        return "n/a"
+    if value == 0 or (1e-3 <= abs(value) < 1e4):
+        return f"{value:.4f}"
+    return f"{value:.3e}"
+
+
+CELL_WIDTH = 24  # a number of at most 10 characters, " +- ", another of at most 10
+
+
+def cell_text(cell: dict) -> str:
+    """``mean +- ci95`` in a fixed width, the mean right-aligned at the ``+-``."""
+    if cell["mean"] is None:
+        n = cell["nonfinite_tasks"]
+        return f"{f'non-finite on {n} task' + 's' * (n != 1):>{CELL_WIDTH}}"
+    return f"{number(cell['mean']):>10} +- {number(cell['ci95']):<10}"
+
+
 def results_table(results: dict) -> str:
-    """The printed table: a row per entry of ``results["results"]``, a column per inner-step count."""
-    steps = list(next(iter(results["results"].values())))
+    """The printed table: a row per entry of ``results["results"]`` (the headline marked ``*``
+    where there are several), a column per inner-step count; then a line per cell where some tasks
+    diverged, with the mean over the others."""
+    groups, headline = results["results"], results.get("headline")
+    steps = [int(key.split("_")[1]) for key in next(iter(groups.values()))]  # after_<n>_steps
+    names = [f"{n} step{'' if n == 1 else 's'}" for n in steps]
+    marked = headline if len(groups) > 1 and headline in groups else None
+    width = max(len(g) for g in groups) + 2
     head = f"{results['task']} test {results['metric']} ({results['test_tasks']} tasks, mean +- 95% CI)"
-    lines = [head, f"{'shots' if results['metric'] != 'return' else '':<7}" + "  ".join(f"{s.replace('after_', '').replace('_steps', ' steps'):>17}" for s in steps)]
-    for shots, row in results["results"].items():
-        cells = "  ".join(f"{v['mean']:>9.4f} +- {v['ci95']:.3f}" if v["mean"] is not None
-                          else f"{'diverged on ' + str(v['nonfinite_tasks']):>17}" for v in row.values())
-        lines.append(f"{shots:<6} {cells}")
-    return "\n".join(lines)
+    lines = [head, (" " * width + "  ".join(f"{n:^{CELL_WIDTH}}" for n in names)).rstrip()]
+    notes = [f"* {marked}: the K the model was trained with (the headline and the sweep objective)"] if marked else []
+    for group, row in groups.items():
+        label = group + ("*" if group == marked else "")
+        lines.append((f"{label:<{width}}" + "  ".join(map(cell_text, row.values()))).rstrip())
+        notes += [f"{group} after {name}: {cell['diverged_tasks']} of {results['test_tasks']} tasks diverged; "
+                  f"without them {number(cell['mean_without_diverged'])} +- {number(cell['ci95_without_diverged'])}"
+                  + (f" (median of all {number(cell['median'])})" if cell["median"] is not None else "")
+                  for name, cell in zip(names, row.values()) if cell.get("diverged_tasks")]
+    if any(cell.get("diverged_tasks") for row in groups.values() for cell in row.values()):
+        notes.append(f"(diverged: the task's query loss ended above {results['divergence_ratio']:g}x its value "
+                     "before adapting, or was not finite; trainer.divergence_ratio)")
+    return "\n".join(lines + notes)

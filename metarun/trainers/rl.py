@@ -30,6 +30,7 @@ from metarun.meta import policy_gradient as pg
 from metarun.meta.trpo import trpo_step
 from metarun.trainers.common import (
     TrainClock,
+    last_good_checkpoint,
     open_writer,
     results_table,
     stop_on_signals,
@@ -159,13 +160,14 @@ def train(run: RLRun) -> None:
     writer = open_writer(run.run_dir, cfg, run.iteration)
     bar = tqdm(total=tr.iterations, initial=run.iteration, disable=not tr.progress, desc="meta-train",
                dynamic_ncols=True)
+    last_good = run.iteration
     with stop_on_signals() as stop, logging_redirect_tqdm():
         while run.iteration < tr.iterations and not stop.requested:
             try:
                 stats = meta_iteration(run)
             except MetarunError as exc:
-                raise DivergedError(f"{exc} at iteration {run.iteration + 1}; stopped. Last good checkpoint: "
-                                    f"{run.run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST}") from exc
+                raise DivergedError(f"{exc} at iteration {run.iteration + 1}; stopped. "
+                                    f"{last_good_checkpoint(run.run_dir, last_good, tr.checkpoint_interval)}") from exc
             run.iteration += 1
             with clock.paused():  # logging and checkpoints do not count as training time
                 run.train_seconds = clock.seconds
@@ -178,6 +180,7 @@ def train(run: RLRun) -> None:
                 out_of_time = clock.out_of_time()
                 if run.iteration % tr.checkpoint_interval == 0 or run.iteration == tr.iterations or out_of_time:
                     save(run)
+                    last_good = run.iteration
             if out_of_time:
                 clock.log_stop(run.iteration, run.run_dir)
                 break
@@ -213,7 +216,7 @@ def evaluate(run: RLRun) -> dict:
         params = {k: v.detach() for k, v in params.items()}
     returns = torch.stack(per_step)  # [steps + 1, tasks]
     return {"task": cfg.task.name, "iteration": run.iteration, "test_tasks": tr.test_tasks,
-            "test_seed": tr.test_seed, "metric": "return", "lower_is_better": False,
+            "test_seed": tr.test_seed, "metric": "return", "lower_is_better": False, "headline": "return",
             "test_inner_lrs": list(alg.test_inner_lrs),
             "results": {"return": {f"after_{s}_steps": summarize(returns[s]) for s in range(len(per_step))}},
             "curve": {"return": [float(v) for v in returns.double().mean(dim=1)]},

@@ -27,6 +27,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from metarun.meta import TaskBatch, adaptation_curve, meta_loss, resolve_batching
 from metarun.trainers.common import (
     TrainClock,
+    diverged_tasks,
+    last_good_checkpoint,
     open_writer,
     results_table,
     stop_on_signals,
@@ -36,7 +38,7 @@ from metarun.trainers.common import (
 )
 from metarun.trainers.graphed import GraphedMetaStep
 from metarun.utils import checkpoint
-from metarun.utils.errors import ConfigError, DivergedError
+from metarun.utils.errors import CheckpointError, ConfigError, DivergedError
 from metarun.utils.runtime import resolve_device, seed_everything, set_threads
 
 log = logging.getLogger(__name__)
@@ -169,7 +171,7 @@ def validate(run: Run, writer: SummaryWriter, val_tasks) -> dict[str, float]:
     """Metric on the fixed validation tasks after 0..test_inner_steps inner steps."""
     alg = run.cfg.algorithm
     curve = adaptation_curve(run.model, dict(run.model.named_parameters()), val_tasks, run.task.loss_fn,
-                             run.task.metric_fn, alg.inner_lr, alg.test_inner_steps).mean(dim=1)
+                             run.task.metric_fn, alg.inner_lr, alg.test_inner_steps).metric.mean(dim=1)
     name = run.task.metric_name
     steps = sorted({0, alg.inner_steps, *run.cfg.trainer.report_steps})
     scores = {f"{name}_after_{s}_steps": float(curve[s]) for s in steps}
@@ -222,9 +224,8 @@ def train(run: Run) -> None:
             if do_log or do_save:
                 if first_bad.item() >= 0:
                     bar.close()
-                    raise DivergedError(
-                        f"non-finite meta-loss at iteration {first_bad.item()}; stopped. Last good "
-                        f"checkpoint: iteration {last_good} in {run.run_dir / checkpoint.CHECKPOINT_DIR}")
+                    raise DivergedError(f"non-finite meta-loss at iteration {first_bad.item()}; stopped. "
+                                        f"{last_good_checkpoint(run.run_dir, last_good, tr.checkpoint_interval)}")
                 if do_log:
                     mean = loss_sum.item() / tr.log_interval
                     loss_sum.zero_()
@@ -260,29 +261,32 @@ def train(run: Run) -> None:
 
 def evaluate(run: Run, chunk: int = 100) -> dict:
     """The paper protocol: ``trainer.test_tasks`` held-out tasks from a fixed seed, the metric on
-    each task's query set after every report step, mean +- 95 % CI; for each test K."""
+    each task's query set after every report step, mean +- 95 % CI; for the K the model was trained
+    with (the headline, first) and every other K of ``task.test_shots``. A task whose query loss
+    ends ``trainer.divergence_ratio`` times above its loss before adapting is counted as diverged,
+    and each cell also gives the mean without such tasks."""
     cfg, tr, alg = run.cfg, run.cfg.trainer, run.cfg.algorithm
     name = run.task.metric_name
     params = dict(run.model.named_parameters())
+    headline = f"{run.task.shots}-shot"
     results = {"task": cfg.task.name, "iteration": run.iteration, "test_tasks": tr.test_tasks,
                "test_seed": tr.test_seed, "inner_lr": alg.inner_lr, "metric": name,
-               "lower_is_better": run.task.lower_is_better, "results": {}, "curve": {}}
+               "lower_is_better": run.task.lower_is_better, "headline": headline,
+               "divergence_ratio": tr.divergence_ratio, "results": {}, "curve": {}}
     results["training"] = training_summary(run.iteration, run.train_seconds)
     results["validation"] = run.history
-    for shots in run.task.test_shots:
+    for shots in dict.fromkeys([run.task.shots, *run.task.test_shots]):  # the trained K first, once
         # all test tasks drawn at once from the fixed seed, so the set never depends on `chunk`
         tasks = run.task.sample(tr.test_tasks, shots, run.task.test_queries, fixed_generator(run, tr.test_seed),
                                 split="test").tasks
-        per_task = [
-            adaptation_curve(run.model, params, type(tasks)(*(t[i:i + chunk] for t in tasks)), run.task.loss_fn,
-                             run.task.metric_fn, alg.inner_lr, alg.test_inner_steps)
-            for i in range(0, tr.test_tasks, chunk)
-        ]
-        curve = torch.cat(per_task, dim=1)  # [steps + 1, tasks]
+        parts = [adaptation_curve(run.model, params, type(tasks)(*(t[i:i + chunk] for t in tasks)), run.task.loss_fn,
+                                  run.task.metric_fn, alg.inner_lr, alg.test_inner_steps)
+                 for i in range(0, tr.test_tasks, chunk)]
+        metric = torch.cat([p.metric for p in parts], dim=1)  # [steps + 1, tasks]
+        diverged = diverged_tasks(torch.cat([p.loss for p in parts], dim=1), tr.divergence_ratio)
         key = f"{shots}-shot"
-        results["results"][key] = {
-            f"after_{s}_steps": summarize(curve[s]) for s in tr.report_steps}
-        results["curve"][key] = [float(v) for v in curve.double().mean(dim=1)]
+        results["results"][key] = {f"after_{s}_steps": summarize(metric[s], diverged[s]) for s in tr.report_steps}
+        results["curve"][key] = [float(v) for v in metric.double().mean(dim=1)]
     return results
 
 
@@ -297,7 +301,16 @@ def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, ev
     if state is not None:
         restore(run, state)
         log.info("%s the checkpoint of iteration %d", "evaluating" if eval_only else "resuming from", run.iteration)
-    if not eval_only:
+    if eval_only:  # best.pt knows the validations up to itself; last.pt, the run's whole history
+        last = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST
+        try:
+            history = checkpoint.load(last).get("history", []) if last.is_file() else []
+        except CheckpointError as exc:
+            log.warning("%s; results.json keeps the history up to the evaluated checkpoint", exc)
+            history = []
+        if len(history) > len(run.history):
+            run.history = list(history)
+    else:
         train(run)
         best = run.run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.BEST
         if cfg.trainer.evaluate_best and best.is_file():

@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from metarun.trainers.common import objective, objective_cell
+from metarun.trainers.common import number, objective, objective_cell
 from metarun.utils.checkpoint import atomic_file
 
 
@@ -28,7 +28,8 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
         results = json.loads(path.read_text())
         name, cell = objective_cell(results)
         row = {"job": job.name, "status": "ok", "objective": name, "value": objective(results),
-               "ci95": cell["ci95"], "lower_is_better": results.get("lower_is_better"),
+               "ci95": cell["ci95"], "diverged_tasks": cell.get("diverged_tasks"),
+               "lower_is_better": results.get("lower_is_better"),
                "train_seconds": results.get("training", {}).get("train_seconds")}
         for group, cells in results["results"].items():
             for key, c in cells.items():
@@ -60,14 +61,16 @@ def summary_table(rows: list[dict]) -> str:
     best = best_row(rows)
     name = next((r["objective"] for r in rows if r["status"] == "ok"), "objective")
     width = max(len(r["job"]) for r in rows)
-    lines = [f"  {'job':<{width}}  {name:>26}  {'train s':>8}"]
+    lines = [f"  {'job':<{width}}  {name:>38}  {'train s':>8}"]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"  {r['job']:<{width}}  {r['status']}")
             continue
-        value = f"{r['value']:.4f} +- {r['ci95']:.4f}" if r["ci95"] is not None else "diverged"
+        value = f"{number(r['value'])} +- {number(r['ci95'])}" if r["ci95"] is not None else "non-finite"
+        if r.get("diverged_tasks"):
+            value += f" ({r['diverged_tasks']} diverged)"
         seconds = f"{r['train_seconds']:.1f}" if r["train_seconds"] is not None else ""
-        lines.append(f"{'*' if r is best else ' '} {r['job']:<{width}}  {value:>26}  {seconds:>8}")
+        lines.append(f"{'*' if r is best else ' '} {r['job']:<{width}}  {value:>38}  {seconds:>8}")
     if best is not None:
         lines.append(f"* best ({'lowest' if best['lower_is_better'] else 'highest'} {name})")
     return "\n".join(lines)
