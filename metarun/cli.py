@@ -14,18 +14,28 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import sys
+import traceback
 from datetime import datetime
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
+from hydra.errors import HydraException, InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from metarun.config import register_configs, typed, validate
+from metarun.config import (
+    check_added_keys,
+    flat_keys,
+    nearest_key,
+    register_configs,
+    typed,
+    unknown_key_message,
+    validate,
+)
 from metarun.trainers import TRAINERS
 from metarun.utils import checkpoint
 from metarun.utils.errors import ConfigError, MetarunError
@@ -53,9 +63,19 @@ def _output_subdir(resume, evaluate):
     return ".hydra"
 
 
+def _config_groups() -> str:
+    """``metarun --help``'s list of config groups: the folders of configs/ and their options (the
+    internal ``schema/`` groups, which live in the ConfigStore, and Hydra's own are not listed)."""
+    lines = []
+    for folder in sorted(p for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name != "hydra"):
+        lines.append(f"{folder.name}: {', '.join(sorted(f.stem for f in folder.glob('*.yaml')))}")
+    return "\n".join(lines)
+
+
 def _register() -> None:
     register_configs()
-    for name, fn in (("metarun_run_dir", _existing_run_dir), ("metarun_output_subdir", _output_subdir)):
+    for name, fn in (("metarun_run_dir", _existing_run_dir), ("metarun_output_subdir", _output_subdir),
+                     ("metarun_groups", _config_groups)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
@@ -94,7 +114,8 @@ def _saved_config(target: str, name: str) -> tuple[DictConfig, dict]:
                               "only key=value overrides such as trainer.iterations=N are allowed "
                               "(and +key=value inside a mapping such as task.env_kwargs)")
         if not override.is_add() and current is _ABSENT:
-            hint = " (add it with '+')" if free_form else ""
+            near = nearest_key(key, flat_keys(schema))
+            hint = " (add it with '+')" if free_form else f" (did you mean {near}?)" if near else ""
             raise ConfigError(f"'{override.input_line}': key '{key}' is not in the saved config of {target}{hint}")
         OmegaConf.update(saved, key, override.value(), merge=False, force_add=override.is_add())
     return typed(saved), state
@@ -108,6 +129,8 @@ def run(cfg: DictConfig) -> float:
     target, eval_only = cfg.resume or cfg.evaluate, bool(cfg.evaluate)
     if target:
         cfg, state = _saved_config(target, _checkpoint_name(target, eval_only))
+    else:
+        check_added_keys(cfg, HydraConfig.get().overrides.task, Path(CONFIG_DIR))
     validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     write_provenance(cfg, run_dir) if not target else None
@@ -126,19 +149,60 @@ class _UserError(BaseException):
 def hydra_main(cfg: DictConfig) -> float:
     try:
         return run(cfg)
-    except Exception as exc:
-        if not _is_user_error(exc):
+    except BaseException as exc:
+        kept = cfg.resume or cfg.evaluate or not _remove_if_not_started(Path(HydraConfig.get().runtime.output_dir))
+        if not isinstance(exc, Exception) or not _is_user_error(exc):
             raise
-        _log_to_files(f"metarun: error: {_one_line(exc)}")  # the run folder's log records why it stopped
+        if kept:
+            _log_to_files(f"metarun: error: {_one_line(exc)}")  # the run folder's log records why it stopped
         raise _UserError(exc) from exc
+
+
+# what Hydra and the set-up write into a new run folder before training begins
+_WRITTEN_AT_START = (".hydra", "config.yaml", "run_info.json", "metarun.log")
+
+
+def _remove_if_not_started(run_dir: Path) -> bool:
+    """A new run that stopped before training began (a bad value, missing data) is not a run:
+    remove what Hydra and the set-up wrote into its folder, and the folder if that empties it, so
+    that outputs/runs/ lists real runs only. Training has begun once it has written ``tb/`` (a run
+    that diverges or is interrupted later keeps its folder). Returns whether it removed anything."""
+    if not run_dir.is_dir() or (run_dir / "tb").exists() or (run_dir / checkpoint.CHECKPOINT_DIR).exists():
+        return False
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir:
+            handler.close()
+    for name in _WRITTEN_AT_START:
+        path = run_dir / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()
+    except OSError:  # it holds something else (a folder given with hydra.run.dir): leave that
+        pass
+    return True
 
 
 def _is_user_error(exc: BaseException) -> bool:
     """What gets one line instead of a traceback: our own errors, Hydra's and OmegaConf's (bad
-    overrides and configs; instantiate wraps ours), and an OSError about a path (a run folder
-    that cannot be made, a full disk, no permission). Anything else is a bug: its traceback stays."""
+    overrides and configs), and an OSError about a path (a run folder that cannot be made, a full
+    disk, no permission). Hydra's instantiate wraps whatever a task or model constructor raises:
+    that is the user's where it is one of these, a ``_target_`` that cannot be found, or arguments
+    the target does not take; anything else raised inside a constructor is a bug, and its traceback
+    stays."""
+    if isinstance(exc, InstantiationException) and exc.__cause__ is not None:
+        cause = exc.__cause__
+        return (str(exc).startswith("Error locating target") or _is_user_error(cause)
+                or isinstance(cause, TypeError) and _raised_by_the_call(cause))
     return (isinstance(exc, (_UserError, MetarunError, HydraException, OmegaConfBaseException))
             or isinstance(exc, OSError) and exc.filename is not None)
+
+
+def _raised_by_the_call(exc: BaseException) -> bool:
+    """A TypeError raised by the call itself (arguments the target does not take), not inside it."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "_call_target"
 
 
 def _log_to_files(message: str) -> None:
@@ -166,6 +230,37 @@ def _one_line(exc: BaseException) -> str:
     return text.replace("Available options in", "available options in").replace(": \t", ": ")
 
 
+_NOT_A_KEY = re.compile(r"Could not override '(?P<key>[^']+)'.*Key '[^']+' (is )?not in", re.DOTALL)
+
+
+def _unknown_key_line(exc: BaseException, args: list[str]) -> str | None:
+    """For ``metarun trainer.iteratons=10``: the line naming the key and the nearest real one
+    (Hydra's own message suggests adding it with '+', which would run with the typo)."""
+    match = _NOT_A_KEY.search(_one_line(exc))  # Hydra's message, with its cause's
+    if match is None:
+        return None
+    key = match.group("key")
+    # the keys of the config the chosen groups compose (key=value overrides and sweeps left out)
+    groups = [a for a in args if "=" in a and (Path(CONFIG_DIR) / a.split("=")[0]).is_dir() and "," not in a]
+    try:
+        from hydra.core.global_hydra import GlobalHydra
+
+        GlobalHydra.instance().clear()
+        keys = flat_keys(compose(*groups))
+    except Exception:  # the groups themselves do not compose: say what we can without a suggestion
+        keys = []
+    return str(ConfigError(unknown_key_message(key, keys)))
+
+
+def _version() -> str:
+    import hydra as hydra_module
+    import torch
+
+    from metarun import __version__
+
+    return f"metarun {__version__} (torch {torch.__version__}, hydra-core {hydra_module.__version__})"
+
+
 def _with_the_runs_task(args: list[str]) -> list[str]:
     """``resume=`` / ``evaluate=``: compose with the run's own task, which brings its model, algorithm
     and trainer groups, so that Hydra accepts overrides of their keys (``task.horizon=...`` of an Ant
@@ -184,20 +279,27 @@ def _with_the_runs_task(args: list[str]) -> list[str]:
 
 def main() -> None:
     """Console-script entry: Hydra does the work; user errors become one line and exit 2."""
+    if sys.argv[1:] == ["--version"]:  # Hydra's own --version would print Hydra's
+        print(_version())
+        return
     _register()
     full_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's printer
-    sys.argv[1:] = _with_the_runs_task(sys.argv[1:])
+    args = sys.argv[1:] = _with_the_runs_task(sys.argv[1:])
     try:
         hydra_main()
     except (_UserError, Exception) as exc:
         if not _is_user_error(exc):
-            raise
+            traceback.print_exc()
+            print(f"metarun: internal error ({type(exc).__name__}): not a known problem with the input. If the "
+                  "traceback above ends in metarun's code, please report it with the command line and the run's "
+                  "config.yaml.", file=sys.stderr)
+            sys.exit(1)
         if isinstance(exc, _UserError):
             exc = exc.args[0]
         if full_trace:
             raise exc
-        print(f"metarun: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"metarun: error: {_unknown_key_line(exc, args) or _one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as exc:
         print(f"metarun: interrupted ({exc or 'SIGINT'}); the last checkpoint is in the run folder", file=sys.stderr)

@@ -39,9 +39,10 @@ def omniglot_cache(tmp_path_factory) -> Path:
     return cache_dir
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    """Run ``python -m metarun ARGS`` in ``cwd`` (so outputs/ lands there)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None,
+            **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python -m metarun ARGS`` in ``cwd`` (so outputs/ lands there); ``env`` adds variables."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", "metarun", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout, **kwargs)

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import hydra
 import pytest
 import torch
 
-from tests.conftest import run_cli
+import metarun
+from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.smoke
 
@@ -44,8 +48,9 @@ def test_smoke_run_writes_a_complete_run_folder(cli):
     info = json.loads((run / "run_info.json").read_text())
     assert info["seed"] == 0 and info["versions"]["torch"] == torch.__version__
     results = json.loads((run / "results.json").read_text())
-    assert set(results["results"]) == {"5-shot", "10-shot"}
-    assert set(results["results"]["5-shot"]) == {"after_1_steps", "after_5_steps", "after_10_steps"}
+    assert list(results["results"]) == ["10-shot", "5-shot"]  # the K it was trained with first: the headline
+    assert results["headline"] == "10-shot"
+    assert set(results["results"]["5-shot"]) == {"after_0_steps", "after_1_steps", "after_5_steps", "after_10_steps"}
     assert results["test_tasks"] == 8 and len(results["curve"]["5-shot"]) == 11
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert state["iteration"] == 6 and state["config"]["trainer"]["iterations"] == 6
@@ -78,13 +83,101 @@ def test_bad_input_is_one_line_and_exit_2(cli, args, fragments):
     assert_one_line_error(cli(*args), *fragments)
 
 
-def test_an_error_after_the_run_folder_exists_is_kept_in_its_log(cli):
-    """One line and exit 2 as above, and the run folder keeps the config and, in its log, the error."""
-    proc = cli("debug=smoke", "device=cpu", "trainer.cuda_graph=true")  # fails in the trainer's set-up
-    assert_one_line_error(proc, "trainer.cuda_graph=true needs a CUDA device")
+def runs_in(root: Path) -> list[Path]:
+    runs = root / "outputs" / "runs"
+    return sorted(runs.iterdir()) if runs.is_dir() else []
+
+
+@pytest.mark.parametrize("args", [
+    ["trainer.iterations=-5"],
+    ["algorithm.inner_lr=0"],
+    ["+trainer.iteratons=10"],
+    ["debug=smoke", "device=cpu", "trainer.cuda_graph=true"],  # found in the trainer's set-up
+    ["task=omniglot", "task.data_dir=nowhere", "task.cache_dir=cache", "task.download=false"],  # missing data
+])
+def test_a_failed_start_leaves_no_run_folder(cli, args):
+    """outputs/runs/ lists real runs only: an error before training begins removes what was made."""
+    proc = cli(*args)
+    assert_one_line_error(proc)
+    assert runs_in(cli.cwd) == []
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_keeps_its_folder_and_names_no_checkpoint(cli):
+    proc = cli("algorithm.inner_lr=1e6", "trainer.checkpoint_interval=100", "trainer.iterations=200",
+               "trainer.progress=false")
+    assert_one_line_error(proc, "non-finite meta-loss at iteration 1", "No checkpoint had been written yet",
+                          "the first was due at iteration 100")
+    assert "Last good checkpoint" not in proc.stderr
     run = only_run_dir(cli.cwd)
-    assert (run / "config.yaml").is_file()
+    assert not (run / "checkpoints").exists() and list((run / "tb").glob("events.out.tfevents.*"))
     assert (run / "metarun.log").read_text().splitlines()[-1].endswith(proc.stderr.strip())
+
+
+@pytest.mark.parametrize("prefix", ["", "+"])
+def test_a_misspelt_key_names_the_nearest_key_and_never_suggests_plus(cli, prefix):
+    proc = cli(f"{prefix}trainer.iteratons=10")
+    assert_one_line_error(proc, "trainer.iteratons is not a key of the config", "did you mean trainer.iterations?")
+    assert "To append" not in proc.stderr
+    assert runs_in(cli.cwd) == []
+
+
+def test_help_says_what_metarun_is_and_lists_only_the_users_groups(cli):
+    proc = cli("--help")
+    assert proc.returncode == 0
+    text = proc.stdout
+    assert text.startswith("metarun: meta-learning experiments")
+    assert "schema" not in text and "Powered by Hydra" not in text
+    assert "task: ant_dir, ant_vel, halfcheetah_dir" in text and "experiment: miniimagenet_5w1s" in text
+    assert "metarun experiment=omniglot_5w1s_cpu" in text and "outputs/runs/" in text
+    assert "METARUN_DATA_DIR" in text and "task.data_dir" in text
+    assert "trainer:\n  name: supervised" in text  # the composed config is still shown
+
+
+def test_version_names_metarun_torch_and_hydra(cli):
+    proc = cli("--version")
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"metarun {metarun.__version__} (torch {torch.__version__}, hydra-core {hydra.__version__})"
+
+
+class ExplodingTasks:
+    """A task family whose constructor has a bug (used through task._target_ by the test below)."""
+
+    def __init__(self, **kwargs) -> None:
+        raise ZeroDivisionError("a bug in a task constructor")
+
+
+def test_a_bug_inside_a_constructor_keeps_its_traceback(cli):
+    """Hydra's instantiate wraps any exception; only metarun's own user errors become one line."""
+    proc = cli("task._target_=tests.test_cli.ExplodingTasks", env={"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "ZeroDivisionError: a bug in a task constructor" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("metarun: internal error (InstantiationException)")
+
+
+def test_a_target_that_does_not_exist_is_one_line(cli):
+    assert_one_line_error(cli("model._target_=nosuch.Net"), "Error locating target 'nosuch.Net'")
+
+
+def test_evaluate_keeps_the_runs_whole_validation_history(cli):
+    assert cli("debug=smoke", "trainer.val_interval=1").returncode == 0
+    run = only_run_dir(cli.cwd)
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=False)["iteration"]
+    assert best < 6  # so best.pt's own history is shorter than the run's (seed 0)
+    trained = json.loads((run / "results.json").read_text())["validation"]
+    assert [v["iteration"] for v in trained] == [1, 2, 3, 4, 5, 6]
+    assert cli(f"evaluate={run}").returncode == 0
+    evaluated = json.loads((run / "results.json").read_text())
+    assert evaluated["iteration"] == best and evaluated["validation"] == trained
+
+
+def test_files_respect_the_umask(cli):
+    """results.json, checkpoints, the summary and the data cache are as readable as any other file."""
+    proc = cli("-m", "debug=smoke", "trainer.test_tasks=4", "hydra.sweep.dir=sweep", preexec_fn=lambda: os.umask(0o022))
+    assert proc.returncode == 0, proc.stderr
+    job = next(p for p in (cli.cwd / "sweep").iterdir() if p.is_dir())
+    for path in (job / "results.json", job / "checkpoints" / "last.pt", job / "checkpoints" / "best.pt",
+                 job / "config.yaml", cli.cwd / "sweep" / "summary.csv"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
 def test_a_run_folder_that_cannot_be_made_is_one_line(cli):
@@ -153,15 +246,15 @@ def test_multirun_gives_each_job_a_folder_named_by_its_overrides(cli):
     for name in names:
         results = json.loads((cli.cwd / "sweep" / name / "results.json").read_text())
         assert results["inner_lr"] == float(name.split(",")[0].split("=")[1])
-        values[name] = results["results"]["5-shot"]["after_10_steps"]["mean"]
+        values[name] = results["results"]["10-shot"]["after_10_steps"]["mean"]
     # the summary: a row per job, the objective = the metric after the most steps reported
     with (cli.cwd / "sweep" / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["job"] for r in rows] == names
-    assert all(r["objective"] == "5-shot mse after 10 steps" for r in rows)
+    assert all(r["objective"] == "10-shot mse after 10 steps" for r in rows)  # the K it was trained with
     assert [float(r["value"]) for r in rows] == [values[n] for n in names]
     best = min(names, key=values.get)  # mse: lowest is best
-    assert f"* {best}" in proc.stdout and "* best (lowest 5-shot mse after 10 steps)" in proc.stdout
+    assert f"* {best}" in proc.stdout and "* best (lowest 10-shot mse after 10 steps)" in proc.stdout
 
 
 def test_runs_from_any_directory(tmp_path):

@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 from metarun.cli import CONFIG_DIR
-from metarun.config import validate
+from metarun.config import check_added_keys, validate
 from metarun.models import BatchStatNorm
 from metarun.utils.errors import ConfigError
 from tests.conftest import compose_config
@@ -140,8 +140,13 @@ def test_every_yaml_key_is_commented():
     """Each key line in a config file carries a comment saying why it has its value."""
     missing = []
     for path in Path(CONFIG_DIR).rglob("*.yaml"):
+        block = None  # the indentation of a block scalar's key (`text: |`): its lines are text, not keys
         for n, line in enumerate(path.read_text().splitlines(), 1):
             s = line.strip()
+            indent = len(line) - len(line.lstrip())
+            if block is not None and (not s or indent > block):
+                continue
+            block = indent if s.split("#")[0].rstrip().endswith(("|", ">")) else None
             if not s or s.startswith(("#", "-")) or ":" not in s:
                 continue
             key, _, value = s.partition(":")
@@ -150,3 +155,15 @@ def test_every_yaml_key_is_commented():
             if value.strip() and "#" not in value and not s.startswith(("_target_", "_partial_", "name:")):
                 missing.append(f"{path.relative_to(CONFIG_DIR)}:{n}: {s}")
     assert not missing, "keys without a comment:\n" + "\n".join(missing)
+
+
+def test_plus_adds_keys_only_inside_free_form_mappings():
+    """'+key=value' is for mappings such as task.env_kwargs; elsewhere a new key is a typo."""
+    added = ["+task.env_kwargs.ctrl_cost_weight=0.2", "++trainer.iterations=3", "+hydra.job.env_set.A=1"]
+    check_added_keys(compose_config("task=halfcheetah_vel", *added[:2]), added, Path(CONFIG_DIR))
+    cfg = compose_config("+trainer.iteratons=10")
+    with pytest.raises(ConfigError, match=r"trainer\.iteratons is not a key of the config; did you mean "
+                                          r"trainer\.iterations\?"):
+        check_added_keys(cfg, ["+trainer.iteratons=10"], Path(CONFIG_DIR))
+    with pytest.raises(ConfigError, match="'[+]seeed=1': seeed is not a key of the config; did you mean seed"):
+        check_added_keys(compose_config("+seeed=1"), ["+seeed=1"], Path(CONFIG_DIR))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from metarun.models.norm import BatchStatNorm
+from metarun.utils.errors import ConfigError
 
 
 class Conv4(nn.Module):
@@ -36,7 +37,7 @@ class Conv4(nn.Module):
     ) -> None:
         super().__init__()
         if downsample not in ("stride", "maxpool"):
-            raise ValueError(f"model.downsample must be 'stride' or 'maxpool', got {downsample!r}")
+            raise ConfigError(f"model.downsample must be 'stride' or 'maxpool', got {downsample!r}")
         layers: list[nn.Module] = []
         channels, size = in_channels, image_size
         for _ in range(blocks):

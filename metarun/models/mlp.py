@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from metarun.models.norm import BatchStatNorm
+from metarun.utils.errors import ConfigError
 
 
 class MLP(nn.Module):
@@ -37,11 +38,11 @@ class MLP(nn.Module):
         super().__init__()
         acts = {"relu": nn.ReLU, "tanh": nn.Tanh}
         if activation not in acts:
-            raise ValueError(f"model.activation must be one of {sorted(acts)}, got {activation!r}")
+            raise ConfigError(f"model.activation must be one of {sorted(acts)}, got {activation!r}")
         self.images = image_size is not None
         width = (in_channels or 1) * image_size**2 if self.images else in_features
         if width is None or out_features is None:
-            raise ValueError("model.in_features and model.out_features must be set for a task that does not give them")
+            raise ConfigError("model.in_features and model.out_features must be set for a task that does not give them")
         layers: list[nn.Module] = []
         for hidden in hidden_sizes:
             layers += [nn.Linear(width, hidden), *([BatchStatNorm(hidden)] if batch_norm else []), acts[activation]()]

@@ -5,8 +5,9 @@ class MetarunError(Exception):
     """A problem with the user's input (config, files, data) rather than a bug."""
 
 
-class ConfigError(MetarunError):
-    """A config value is out of range or inconsistent."""
+class ConfigError(MetarunError, ValueError):
+    """A config value is out of range or inconsistent (also a ValueError, for code that calls a
+    model or task directly from Python)."""
 
 
 class CheckpointError(MetarunError):
