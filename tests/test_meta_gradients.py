@@ -1,7 +1,7 @@
 """The correctness harness: every meta-gradient path against independent references, in float64.
 
 Generic over models: add a model factory and a task factory to ``CASES`` and every check runs
-on it. Tolerances: vmap vs loop is the same maths in another order (<= 1e-10); finite
+on it; the algorithm under test is built from its own config (``algorithm=...``), as a run builds it. Tolerances: vmap vs loop is the same maths in another order (<= 1e-10); finite
 differences carry O(eps^2) truncation and rounding error (<= 1e-6 at eps = 1e-6; a larger eps
 can straddle a ReLU kink of the inner-adapted network and miss by ~1e-4).
 """
@@ -12,10 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metarun.meta import TaskBatch, hvp, meta_loss
+from metarun.algorithms import build
 from metarun.meta import gradcheck as gc
+from metarun.meta import hvp
 from metarun.models import MLP, BatchStatNorm, Conv4
 from metarun.tasks.sinusoid import SinusoidTasks
+from metarun.types import TaskBatch
+from tests.conftest import compose_config
 
 pytestmark = pytest.mark.unit
 
@@ -60,6 +63,12 @@ CASES = {
 }
 
 
+def algorithm(name, model, loss_fn, **values):
+    """The algorithm ``name`` as a run builds it, with ``values`` set in its config (float64)."""
+    cfg = compose_config(f"algorithm={name}", *(f"algorithm.{k}={v}" for k, v in values.items()))
+    return build(cfg.algorithm, model, loss_fn).double()
+
+
 @pytest.fixture(params=sorted(CASES))
 def case(request):
     make_model, make_tasks, loss_fn, inner_lr = CASES[request.param]
@@ -71,49 +80,55 @@ def case(request):
 @pytest.mark.parametrize("first_order", [False, True])
 def test_vmap_matches_loop(case, inner_steps, first_order):
     model, params, tasks, loss_fn, lr = case
-    assert gc.vmap_vs_loop(model, params, tasks, loss_fn, lr, inner_steps, first_order) <= 1e-10
+    maml = algorithm("maml", model, loss_fn, inner_lr=lr, inner_steps=inner_steps, first_order=first_order)
+    assert gc.vmap_vs_loop(maml, params, tasks) <= 1e-10
 
 
 @pytest.mark.parametrize("inner_steps", [1, 2])
 def test_loop_matches_finite_differences(case, inner_steps):
     model, params, tasks, loss_fn, lr = case
-    assert gc.loop_vs_finite_differences(model, params, tasks, loss_fn, lr, inner_steps) <= 1e-6
+    assert gc.loop_vs_finite_differences(algorithm("maml", model, loss_fn, inner_lr=lr, inner_steps=inner_steps),
+                                         params, tasks) <= 1e-6
 
 
 @pytest.mark.parametrize("batching", ["vmap", "loop"])
 def test_first_order_is_query_gradient_at_adapted_params(case, batching):
     model, params, tasks, loss_fn, lr = case
-    assert gc.first_order_vs_cut_graph(model, params, tasks, loss_fn, lr, 2, batching) <= 1e-12
+    fomaml = algorithm("fomaml", model, loss_fn, inner_lr=lr, inner_steps=2)
+    assert gc.first_order_vs_cut_graph(fomaml, params, tasks, lr, 2, batching) <= 1e-12
 
 
 @pytest.mark.parametrize("batching", ["vmap", "loop"])
 def test_zero_inner_steps_is_plain_gradient(case, batching):
     model, params, tasks, loss_fn, _ = case
-    assert gc.zero_steps_vs_plain_gradient(model, params, tasks, loss_fn, batching) <= 1e-12
+    assert gc.zero_steps_vs_plain_gradient(algorithm("maml", model, loss_fn, inner_steps=0), params, tasks,
+                                           batching) <= 1e-12
 
 
 def test_second_order_term_is_present(case):
     """Second and first order must differ: a silently dropped Hessian term would pass the others
     only if the references dropped it too, so make sure it is there and not negligible."""
     model, params, tasks, loss_fn, lr = case
-    assert gc.second_order_contribution(model, params, tasks, loss_fn, lr, 2) > 1e-4
+    second = gc.outer_gradient(algorithm("maml", model, loss_fn, inner_lr=lr, inner_steps=2), params, tasks, "vmap")
+    first = gc.outer_gradient(algorithm("fomaml", model, loss_fn, inner_lr=lr, inner_steps=2), params, tasks, "vmap")
+    assert gc.relative_error(second, first) > 1e-4
 
 
 def test_finite_difference_check_catches_a_wrong_gradient():
     """The harness itself must fail on a wrong meta-gradient: first order passed off as second."""
     model, tasks = mlp("tanh"), sinusoid_tasks()
     params = dict(model.named_parameters())
-    exact = gc.meta_gradient(model, params, tasks, F.mse_loss, 0.05, 2, False, "loop")
-    wrong = gc.meta_gradient(model, params, tasks, F.mse_loss, 0.05, 2, True, "loop")
+    exact = gc.outer_gradient(algorithm("maml", model, F.mse_loss, inner_lr=0.05, inner_steps=2), params, tasks, "loop")
+    wrong = gc.outer_gradient(algorithm("fomaml", model, F.mse_loss, inner_lr=0.05, inner_steps=2), params, tasks, "loop")
     assert gc.relative_error(wrong, exact) > 1e-4
     assert gc.relative_error(exact, exact) == 0.0
 
 
-def test_meta_loss_values_agree_between_batchings():
+def test_outer_loss_values_agree_between_batchings():
     model, tasks = mlp("relu"), sinusoid_tasks()
     params = dict(model.named_parameters())
-    a = meta_loss(model, params, tasks, F.mse_loss, 0.01, 2, batching="vmap")
-    b = meta_loss(model, params, tasks, F.mse_loss, 0.01, 2, batching="loop")
+    maml = algorithm("maml", model, F.mse_loss, inner_steps=2)
+    a, b = maml.outer_loss(params, tasks, "vmap"), maml.outer_loss(params, tasks, "loop")
     torch.testing.assert_close(a.task_losses, b.task_losses, rtol=1e-12, atol=0)
     torch.testing.assert_close(a.query_outputs, b.query_outputs, rtol=1e-12, atol=0)
 
@@ -121,15 +136,17 @@ def test_meta_loss_values_agree_between_batchings():
 def test_unknown_batching_is_rejected():
     model, tasks = mlp(), sinusoid_tasks()
     with pytest.raises(ValueError, match="batching"):
-        meta_loss(model, dict(model.named_parameters()), tasks, F.mse_loss, 0.01, 1, batching="pmap")
+        algorithm("maml", model, F.mse_loss).outer_loss(dict(model.named_parameters()), tasks, "pmap")
 
 
 def test_hvp_matches_dense_hessian():
     model, tasks = mlp("tanh", hidden=(5,)), sinusoid_tasks(num_tasks=1)
     params = {k: p.detach() for k, p in model.named_parameters()}
 
+    maml = algorithm("maml", model, F.mse_loss, inner_lr=0.05)
+
     def f(p):
-        return meta_loss(model, p, tasks, F.mse_loss, 0.05, 1, batching="vmap").loss
+        return maml.outer_loss(p, tasks, "vmap").loss
 
     gen = torch.Generator().manual_seed(1)
     v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
@@ -184,9 +201,10 @@ def test_functional_batch_norm_under_vmap_is_the_trap_we_avoid(name):
                 block[i] = swapped
     assert not any(isinstance(m, BatchStatNorm) for m in model.modules())
     params, tasks = dict(model.named_parameters()), make_tasks()
-    assert gc.loop_vs_finite_differences(model, params, tasks, loss_fn, lr, 1) <= 1e-6
-    assert gc.vmap_vs_loop(model, params, tasks, loss_fn, lr, 1, first_order=True) <= 1e-10
-    assert gc.vmap_vs_loop(model, params, tasks, loss_fn, lr, 1) > 1e-3, "F.batch_norm under vmap is fixed"
+    maml, fomaml = (algorithm(name, model, loss_fn, inner_lr=lr) for name in ("maml", "fomaml"))
+    assert gc.loop_vs_finite_differences(maml, params, tasks) <= 1e-6
+    assert gc.vmap_vs_loop(fomaml, params, tasks) <= 1e-10
+    assert gc.vmap_vs_loop(maml, params, tasks) > 1e-3, "F.batch_norm under vmap is fixed"
 
 
 @pytest.mark.cuda
@@ -197,6 +215,6 @@ def test_harness_on_cuda(name):
     model = make_model().cuda()
     tasks = TaskBatch(*(t.cuda() for t in make_tasks()))
     params = dict(model.named_parameters())
-    for first_order in (False, True):
-        assert gc.vmap_vs_loop(model, params, tasks, loss_fn, lr, 2, first_order) <= 1e-10
-    assert gc.loop_vs_finite_differences(model, params, tasks, loss_fn, lr, 1) <= 1e-6
+    for name in ("maml", "fomaml"):
+        assert gc.vmap_vs_loop(algorithm(name, model, loss_fn, inner_lr=lr, inner_steps=2), params, tasks) <= 1e-10
+    assert gc.loop_vs_finite_differences(algorithm("maml", model, loss_fn, inner_lr=lr), params, tasks) <= 1e-6

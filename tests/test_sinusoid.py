@@ -52,10 +52,20 @@ def test_dtype_and_device_follow_the_family():
     assert all(t.dtype == torch.float64 and t.device.type == "cpu" for t in batch.tasks)
 
 
-def test_figure_has_the_paper_curves():
+def test_figure_has_the_paper_curves_adapted_by_the_running_algorithm():
+    from metarun.algorithms import build
     from metarun.models import MLP
+    from tests.conftest import compose_config
 
     family, model = SinusoidTasks(), MLP()
-    fig = family.figure(model, dict(model.named_parameters()), torch.Generator().manual_seed(0), 5, 0.01)
+    algorithm = build(compose_config().algorithm, model, family.loss_fn)
+    steps = []
+
+    def adapt(params, x, y, n):
+        steps.append(n)
+        return algorithm.adapt_to(params, x, y, n)
+
+    fig = family.figure(model, dict(model.named_parameters()), torch.Generator().manual_seed(0), 5, adapt)
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
     assert labels == ["ground truth", "5 points used for gradient", "pre-update", "1 grad step", "10 grad steps"]
+    assert steps == [1, 10]

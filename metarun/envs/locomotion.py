@@ -58,7 +58,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from metarun.meta.policy_gradient import Rollouts
+from metarun.types import Rollouts
 from metarun.utils.errors import DivergedError, MetarunError
 
 INSTALL_HINT = "install them with `pip install 'gymnasium[mujoco]'` (or `make install`)"

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from metarun.meta.policy_gradient import Rollouts
+from metarun.types import Rollouts
 from metarun.utils.errors import MetarunError
 
 

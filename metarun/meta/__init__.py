@@ -1,30 +1,9 @@
-"""The functional meta-learning core: inner loop, MAML meta-loss, Hessian-vector products."""
+"""The functional core, maths only: the one inner step, running a task's computation over a
+meta-batch, Hessian-vector products, policy-gradient pieces and TRPO."""
 
+from metarun.meta.batching import over_tasks, resolve_batching, task_loss
 from metarun.meta.hvp import hvp, hvp_operator
-from metarun.meta.maml import (
-    Curve,
-    MetaOutput,
-    TaskBatch,
-    adapt,
-    adapt_autograd,
-    adaptation_curve,
-    meta_loss,
-    resolve_batching,
-    sgd_steps,
-    task_loss,
-)
+from metarun.meta.inner import Rate, adapt, gradients, inner_step
 
-__all__ = [
-    "Curve",
-    "MetaOutput",
-    "TaskBatch",
-    "adapt",
-    "adapt_autograd",
-    "adaptation_curve",
-    "hvp",
-    "hvp_operator",
-    "meta_loss",
-    "resolve_batching",
-    "sgd_steps",
-    "task_loss",
-]
+__all__ = ["Rate", "adapt", "gradients", "hvp", "hvp_operator", "inner_step", "over_tasks", "resolve_batching",
+           "task_loss"]

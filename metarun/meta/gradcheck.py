@@ -1,17 +1,18 @@
-"""Independent checks of every meta-gradient path, generic over models (float64).
+"""Independent checks of every meta-gradient path, generic over algorithms and models (float64).
 
-Each function returns the largest relative error of one comparison, so tests and the
-``make bench`` report can assert on it. Relative error is ``max|a - b| / max|b|`` over all
-parameters, the scale-free form used throughout.
+Each function returns the largest relative error of one comparison, so tests and reports can
+assert on it. Relative error is ``max|a - b| / max|b|`` over all parameters, the scale-free form
+used throughout. Gradients are keyed as :meth:`~metarun.algorithms.base.Algorithm.meta_parameters`
+(the model's names, then ``algorithm.<name>`` for what the algorithm owns).
 
 The references are independent of the fast path:
 
 * the per-task loop uses ``torch.autograd.grad`` (``create_graph=True``), the fast path
   ``torch.func.grad`` under ``vmap``;
-* central finite differences of the meta-loss along random directions use no autograd at all
-  for the derivative;
-* first order is checked against the gradient of the query loss at the adapted parameters,
-  computed with the inner graph cut by hand (``detach``);
+* central finite differences of the outer loss along random directions (in every meta-parameter,
+  the algorithm's own included) use no autograd at all for the derivative;
+* first order is checked against the gradient of the query loss at parameters adapted by a
+  hand-written SGD loop with the inner graph cut (``detach``);
 * zero inner steps is checked against the plain gradient of the query loss.
 """
 
@@ -20,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from metarun.meta.maml import LossFn, Params, TaskBatch, adapt_autograd, meta_loss, task_loss
+from metarun.meta.batching import task_loss
+from metarun.types import LossFn, Params, TaskBatch
 
 
 def relative_error(a: Params, b: Params) -> float:
@@ -30,75 +32,93 @@ def relative_error(a: Params, b: Params) -> float:
     return num / max(den, 1e-300)
 
 
-def meta_gradient(model: nn.Module, params: Params, tasks: TaskBatch, loss_fn: LossFn,
-                  inner_lr: float, inner_steps: int, first_order: bool, batching: str) -> Params:
-    """The gradient of the MAML meta-loss with respect to ``params``."""
-    leaves = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
-    out = meta_loss(model, leaves, tasks, loss_fn, inner_lr, inner_steps, first_order, batching)
-    grads = torch.autograd.grad(out.loss, list(leaves.values()), allow_unused=True)
-    return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(leaves.items(), grads)}
+def leaves(params: Params) -> Params:
+    return {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
 
 
-def vmap_vs_loop(model, params, tasks, loss_fn, inner_lr, inner_steps, first_order=False) -> float:
-    """Relative error of the vmap meta-gradient against the per-task loop reference."""
-    args = (model, params, tasks, loss_fn, inner_lr, inner_steps, first_order)
-    return relative_error(meta_gradient(*args, "vmap"), meta_gradient(*args, "loop"))
+def outer_gradient(algorithm, params: Params, tasks: TaskBatch, batching: str) -> Params:
+    """The algorithm's outer direction for every meta-parameter, at fresh leaves of ``params``."""
+    return algorithm.outer_gradient(leaves(params), tasks, batching)[0]
 
 
-def loop_vs_finite_differences(model, params, tasks, loss_fn, inner_lr, inner_steps,
-                               directions: int = 4, eps: float = 1e-6, seed: int = 0) -> float:
-    """Relative error of the loop's directional derivatives against central finite differences.
+def vmap_vs_loop(algorithm, params: Params, tasks: TaskBatch) -> float:
+    """Relative error of the vmap outer direction against the per-task loop reference."""
+    return relative_error(outer_gradient(algorithm, params, tasks, "vmap"),
+                          outer_gradient(algorithm, params, tasks, "loop"))
 
-    For random unit directions d: ``<grad, d>`` vs ``(L(p + eps d) - L(p - eps d)) / (2 eps)``,
-    where L is the second-order meta-loss. Error is relative to the largest |<grad, d>|.
+
+def loop_vs_finite_differences(algorithm, params: Params, tasks: TaskBatch, directions: int = 4,
+                               eps: float = 1e-6, seed: int = 0) -> float:
+    """Relative error of the loop's directional derivatives of the outer loss against central finite
+    differences, along random unit directions in every meta-parameter (the algorithm's too).
+
+    For a direction d: ``<grad, d>`` vs ``(L(w + eps d) - L(w - eps d)) / (2 eps)``; the error is
+    relative to the largest ``|<grad, d>|``.
     """
-    grad = meta_gradient(model, params, tasks, loss_fn, inner_lr, inner_steps, False, "loop")
+    grad = outer_gradient(algorithm, params, tasks, "loop")
+    own = dict(algorithm.named_parameters())
     gen = torch.Generator().manual_seed(seed)
     analytic, numeric = [], []
     for _ in range(directions):
-        d = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for k, p in params.items()}
+        d = {k: torch.randn(g.shape, generator=gen, dtype=g.dtype).to(g.device) for k, g in grad.items()}
         norm = torch.sqrt(sum((v**2).sum() for v in d.values()))
         d = {k: v / norm for k, v in d.items()}
 
         def loss_at(sign: float, d: dict = d) -> float:
             shifted = {k: (p.detach() + sign * eps * d[k]).requires_grad_(True) for k, p in params.items()}
-            return float(meta_loss(model, shifted, tasks, loss_fn, inner_lr, inner_steps, False, "loop").loss.detach())
+            with torch.no_grad():
+                for name, p in own.items():
+                    p.add_(sign * eps * d["algorithm." + name])
+            try:
+                return float(algorithm.outer_loss(shifted, tasks, "loop").loss.detach())
+            finally:
+                with torch.no_grad():
+                    for name, p in own.items():
+                        p.sub_(sign * eps * d["algorithm." + name])
 
-        analytic.append(float(sum((grad[k] * d[k]).sum() for k in params)))
+        analytic.append(float(sum((grad[k] * d[k]).sum() for k in grad)))
         numeric.append((loss_at(1.0) - loss_at(-1.0)) / (2 * eps))
     a, n = torch.tensor(analytic, dtype=torch.float64), torch.tensor(numeric, dtype=torch.float64)
     return float((a - n).abs().max() / a.abs().max().clamp_min(1e-300))
 
 
-def first_order_vs_cut_graph(model, params, tasks, loss_fn, inner_lr, inner_steps, batching="vmap") -> float:
-    """First-order meta-gradient vs the query-loss gradient at detached adapted parameters."""
-    got = meta_gradient(model, params, tasks, loss_fn, inner_lr, inner_steps, True, batching)
+def sgd_reference(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss_fn: LossFn, lr: float,
+                  steps: int, first_order: bool) -> Params:
+    """A hand-written inner loop (plain SGD with ``torch.autograd.grad``) for the references."""
+    for _ in range(steps):
+        names = list(params)
+        grads = torch.autograd.grad(task_loss(model, params, x, y, loss_fn), [params[k] for k in names],
+                                    create_graph=not first_order, allow_unused=True)
+        params = {k: params[k] - lr * (torch.zeros_like(params[k]) if g is None else g) for k, g in zip(names, grads)}
+    return params
+
+
+def first_order_vs_cut_graph(algorithm, params: Params, tasks: TaskBatch, lr: float, steps: int,
+                             batching: str = "vmap") -> float:
+    """A first-order algorithm's direction vs the query-loss gradient at parameters adapted by
+    :func:`sgd_reference` with the inner graph cut (``steps`` steps of rate ``lr``)."""
+    got = outer_gradient(algorithm, params, tasks, batching)
+    model, loss_fn = algorithm.model, algorithm.loss_fn
     total = {k: torch.zeros_like(p) for k, p in params.items()}
     for sx, sy, qx, qy in zip(*tasks):
-        leaves = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
-        fast = adapt_autograd(model, leaves, sx, sy, loss_fn, inner_lr, inner_steps, first_order=False)
+        fast = sgd_reference(model, leaves(params), sx, sy, loss_fn, lr, steps, first_order=False)
         fast = {k: p.detach().requires_grad_(True) for k, p in fast.items()}  # cut the inner graph
         grads = torch.autograd.grad(task_loss(model, fast, qx, qy, loss_fn), list(fast.values()), allow_unused=True)
         for k, g in zip(fast, grads):
             if g is not None:
                 total[k] += g / len(tasks.query_x)
-    return relative_error(got, total)
+    return relative_error({k: got[k] for k in params}, total)
 
 
-def zero_steps_vs_plain_gradient(model, params, tasks, loss_fn, batching="vmap") -> float:
-    """Meta-gradient with no inner step vs the plain gradient of the mean query loss."""
-    got = meta_gradient(model, params, tasks, loss_fn, 0.1, 0, False, batching)
-    leaves = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
-    plain = torch.stack([task_loss(model, leaves, qx, qy, loss_fn) for qx, qy in zip(tasks.query_x, tasks.query_y)]).mean()
-    grads = torch.autograd.grad(plain, list(leaves.values()), allow_unused=True)
-    ref = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(leaves.items(), grads)}
-    return relative_error(got, ref)
-
-
-def second_order_contribution(model, params, tasks, loss_fn, inner_lr, inner_steps, batching="vmap") -> float:
-    """How far second order is from first order (relative); a check that it is not silently zero."""
-    args = (model, params, tasks, loss_fn, inner_lr, inner_steps)
-    return relative_error(meta_gradient(*args, False, batching), meta_gradient(*args, True, batching))
+def zero_steps_vs_plain_gradient(algorithm, params: Params, tasks: TaskBatch, batching: str = "vmap") -> float:
+    """An algorithm with no inner step vs the plain gradient of the mean query loss."""
+    got = outer_gradient(algorithm, params, tasks, batching)
+    model, loss_fn = algorithm.model, algorithm.loss_fn
+    fresh = leaves(params)
+    plain = torch.stack([task_loss(model, fresh, qx, qy, loss_fn) for qx, qy in zip(tasks.query_x, tasks.query_y)]).mean()
+    grads = torch.autograd.grad(plain, list(fresh.values()), allow_unused=True)
+    ref = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(fresh.items(), grads)}
+    return relative_error({k: got[k] for k in params}, ref)
 
 
 def dense_hessian(f, params: Params) -> Tensor:

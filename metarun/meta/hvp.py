@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp
 
-Params = dict[str, Tensor]
+from metarun.types import Params
 
 
 def hvp(f: Callable[[Params], Tensor], params: Params, v: Params) -> Params:

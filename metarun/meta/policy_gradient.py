@@ -6,7 +6,7 @@ an episode is alive. The pieces, as in the MAML paper's RL experiments (section 
 * :func:`advantages`: discounted returns minus a linear feature baseline fitted per task
   (rllab's ``LinearFeatureBaseline``), through GAE(gamma, lambda), normalized per task;
 * :func:`reinforce_loss`: the vanilla policy-gradient surrogate the inner loop descends;
-* :func:`adapt_policy`: the inner loop (``sgd_steps`` on that surrogate), second order by default;
+* :func:`adapt_policy`: the inner loop (the one inner step, on that surrogate), second order by default;
 * :func:`meta_objective`: the TRPO surrogate and mean KL of the adapted policies on the
   post-update trajectories, as functions of the meta-parameters (the inner step included), so the
   outer TRPO step (``metarun.meta.trpo``) sees the gradient through the inner update.
@@ -21,16 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from metarun.meta.maml import Params, sgd_steps
-
-
-class Rollouts(NamedTuple):
-    """Trajectories of several tasks; every tensor starts with ``[tasks, trajectories, horizon]``."""
-
-    observations: Tensor
-    actions: Tensor
-    rewards: Tensor
-    mask: Tensor
+from metarun.meta.inner import adapt
+from metarun.types import Params, Rollouts
 
 
 def discounted_sum(values: Tensor, mask: Tensor, discount: float) -> Tensor:
@@ -112,9 +104,10 @@ def reinforce_loss(policy: nn.Module, params: Params, observations: Tensor, acti
 
 def adapt_policy(policy: nn.Module, params: Params, observations: Tensor, actions: Tensor, adv: Tensor,
                  mask: Tensor, inner_lr: float, inner_steps: int = 1, first_order: bool = False) -> Params:
-    """The inner loop for one task: SGD on the REINFORCE surrogate of its trajectories."""
-    return sgd_steps(lambda p: reinforce_loss(policy, p, observations, actions, adv, mask),
-                     params, inner_lr, inner_steps, first_order)
+    """The inner loop for one task: SGD on the REINFORCE surrogate of its trajectories (the one
+    inner step of :mod:`metarun.meta.inner`)."""
+    return adapt(lambda p: reinforce_loss(policy, p, observations, actions, adv, mask),
+                 params, [inner_lr] * inner_steps, first_order)
 
 
 def adapt_tasks(policy: nn.Module, params: Params, rollouts: Rollouts, adv: Tensor, inner_lr: float,

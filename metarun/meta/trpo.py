@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.func import grad_and_value
 
 from metarun.meta.hvp import hvp_operator
-from metarun.meta.maml import Params
+from metarun.types import Params
 
 
 def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, iterations: int = 10,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metarun.data.cache import DataError
-from metarun.meta import TaskBatch
+from metarun.types import TaskBatch
 
 
 @dataclass
@@ -93,7 +93,7 @@ class FewShotClassification:
                           part(images, shots, shots + queries), part(labels, shots, shots + queries))
         return EpisodeBatch(tasks, chosen, picks)
 
-    def visualize(self, writer, step: int, model, params, generator: torch.Generator, inner_lr: float) -> None:
+    def visualize(self, writer, step: int, model, params, generator: torch.Generator, adapt) -> None:
         """An image grid of one validation episode: a row per class, its support images, a gap,
         then its query images."""
         episode = self.sample(1, self.shots, self.test_queries, generator, split="val")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from metarun.meta import TaskBatch
+from metarun.types import TaskBatch
 
 
 @dataclass
@@ -91,20 +91,19 @@ class SinusoidTasks:
         """Per-task metric: mean squared error on the query set."""
         return ((outputs - targets) ** 2).mean()
 
-    def visualize(self, writer, step: int, model, params, generator: torch.Generator, inner_lr: float) -> None:
+    def visualize(self, writer, step: int, model, params, generator: torch.Generator, adapt) -> None:
         """Write :meth:`figure` for one validation task to TensorBoard."""
-        writer.add_figure("val/adaptation", self.figure(model, params, generator, self.shots, inner_lr), step)
+        writer.add_figure("val/adaptation", self.figure(model, params, generator, self.shots, adapt), step)
 
-    def figure(self, model, params, generator: torch.Generator, shots: int, inner_lr: float, steps=(1, 10)):
+    def figure(self, model, params, generator: torch.Generator, shots: int, adapt, steps=(1, 10)):
         """A figure like the paper's Figure 2 for one task: true curve, the K points, and the
-        prediction before adaptation and after each of ``steps`` inner steps."""
+        prediction before adaptation and after each of ``steps`` inner steps, adapted by ``adapt``
+        (``adapt(params, x, y, steps) -> params``: the running algorithm's own inner loop)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from torch.func import functional_call
-
-        from metarun.meta import adapt
 
         batch = self.sample(1, shots, 1, generator)
         sx, sy = batch.tasks.support_x[0], batch.tasks.support_y[0]
@@ -116,7 +115,7 @@ class SinusoidTasks:
         ax.plot(sx.cpu(), sy.cpu(), "^", color="purple", label=f"{shots} points used for gradient")
         ax.plot(grid.cpu(), functional_call(model, params, (grid,)).detach().cpu(), ":", color="lightgreen", label="pre-update")
         for n, color in zip(steps, ("green", "darkgreen", "black")):
-            fast = adapt(model, params, sx, sy, self.loss_fn, inner_lr, n, first_order=True)
+            fast = adapt(params, sx, sy, n)
             ax.plot(grid.cpu(), functional_call(model, fast, (grid,)).detach().cpu(), "--", color=color, label=f"{n} grad step{'s' * (n > 1)}")
         ax.set_xlabel("x")
         ax.set_ylabel("y")

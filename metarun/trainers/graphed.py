@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from metarun.meta import TaskBatch
+from metarun.types import TaskBatch
 
 
 @torch.no_grad()
@@ -24,12 +24,13 @@ def warm_up_and_undo(step: Callable, run, tasks: TaskBatch, times: int) -> None:
     """Call ``step(run, tasks)`` ``times`` times, then put the parameters and the optimizer state
     back as they were, in place (the tensors keep their addresses, which a graph records). State
     that did not exist before (a fresh Adam) is zeroed, which is Adam's and AdamW's initial state."""
-    params = [p.detach().clone() for p in run.model.parameters()]
+    meta_parameters = list(run.algorithm.meta_parameters().values())
+    params = [p.detach().clone() for p in meta_parameters]
     before = {id(t): t.clone() for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t)}
     with torch.enable_grad():
         for _ in range(times):
             step(run, tasks)
-    for p, saved in zip(run.model.parameters(), params):
+    for p, saved in zip(meta_parameters, params):
         p.copy_(saved)
     for state in run.optimizer.state.values():
         for t in state.values():

@@ -24,7 +24,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from metarun.meta import TaskBatch, adaptation_curve, meta_loss, resolve_batching
+from metarun.algorithms import Algorithm, build
+from metarun.meta import resolve_batching
 from metarun.trainers.common import (
     TrainClock,
     diverged_tasks,
@@ -37,6 +38,7 @@ from metarun.trainers.common import (
     write_results,
 )
 from metarun.trainers.graphed import GraphedMetaStep
+from metarun.types import TaskBatch
 from metarun.utils import checkpoint
 from metarun.utils.errors import CheckpointError, ConfigError, DivergedError
 from metarun.utils.runtime import resolve_device, seed_everything, set_threads
@@ -53,6 +55,7 @@ class Run:
     device: torch.device
     task: object
     model: torch.nn.Module
+    algorithm: Algorithm
     optimizer: torch.optim.Optimizer
     generators: dict[str, torch.Generator]
     batching: str
@@ -75,15 +78,16 @@ def setup(cfg: DictConfig, run_dir: Path, batching: str | None = None) -> Run:
     task = instantiate(cfg.task, device=device, dtype=dtype)
     # sizes that follow from the task (e.g. out_features = ways) are passed in, not configured
     model = instantiate(cfg.model, **getattr(task, "model_kwargs", {})).to(device=device, dtype=dtype)
+    algorithm = build(cfg.algorithm, model, task.loss_fn).to(device=device, dtype=dtype)
     if cfg.trainer.cuda_graph and device.type != "cuda":
         raise ConfigError(f"trainer.cuda_graph=true needs a CUDA device, but the run is on {device}")
     # a CUDA graph replays the optimizer step too: its state must live on the device (capturable)
     extra = {"capturable": True} if cfg.trainer.cuda_graph else {}
-    optimizer = instantiate(cfg.algorithm.outer_optimizer, **extra)(model.parameters())
+    optimizer = instantiate(cfg.algorithm.outer_optimizer, **extra)(algorithm.meta_parameters().values())
     # Training tasks come from their own generator, on the device, so the stream is
     # checkpointed and resumed exactly and does not depend on anything else drawing numbers.
     train_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    run = Run(cfg, run_dir, device, task, model, optimizer, {"train": train_gen}, "")
+    run = Run(cfg, run_dir, device, task, model, algorithm, optimizer, {"train": train_gen}, "")
     run.batching = (batching or resolve_batching(cfg.algorithm.batching, device, model)
                     or measure_batching(run))
     log.info("device=%s batching=%s (%s requested) parameters=%d cpu_threads=%d", device, run.batching,
@@ -107,15 +111,15 @@ def fixed_generator(run: Run, seed: int) -> torch.Generator:
 def measure_batching(run: Run, seed: int = 12345) -> str:
     """Time one meta-step of each batching (after a warm-up) on a throwaway copy of the model and
     a meta-batch from a separate generator, so the run itself is untouched; return the faster."""
-    alg = run.cfg.algorithm
     tasks = sample_meta_batch(run, fixed_generator(run, seed))
     model = copy.deepcopy(run.model)
+    algorithm = build(run.cfg.algorithm, model, run.task.loss_fn).to(device=run.device)
+    algorithm.load_state_dict(run.algorithm.state_dict())
     times = {}
     for batching in ("loop", "vmap"):
         for _ in range(2):  # the second call is timed
             start = time.perf_counter()
-            meta_loss(model, dict(model.named_parameters()), tasks, run.task.loss_fn, alg.inner_lr,
-                      alg.inner_steps, alg.first_order, batching).loss.backward()
+            algorithm.outer_gradient(dict(model.named_parameters()), tasks, batching)
             if run.device.type == "cuda":
                 torch.cuda.synchronize()
             times[batching] = time.perf_counter() - start
@@ -129,6 +133,7 @@ def measure_batching(run: Run, seed: int = 12345) -> str:
 def save(run: Run, name: str = checkpoint.LAST) -> Path:
     state = {
         "model": run.model.state_dict(),
+        "algorithm": run.algorithm.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "iteration": run.iteration,
         "rng": checkpoint.rng_state(run.generators),
@@ -144,6 +149,7 @@ def save(run: Run, name: str = checkpoint.LAST) -> Path:
 def restore(run: Run, state: dict) -> None:
     """Put a run back exactly where ``state`` was saved."""
     run.model.load_state_dict(state["model"])
+    run.algorithm.load_state_dict(state.get("algorithm", {}))
     run.optimizer.load_state_dict(state["optimizer"])
     run.iteration = state["iteration"]
     run.best = state.get("best")
@@ -156,22 +162,21 @@ def restore(run: Run, state: dict) -> None:
 
 
 def meta_step(run: Run, tasks) -> torch.Tensor:
-    """One outer step on a meta-batch; returns the mean query loss (detached)."""
-    alg = run.cfg.algorithm
-    params = dict(run.model.named_parameters())
-    out = meta_loss(run.model, params, tasks, run.task.loss_fn, alg.inner_lr, alg.inner_steps,
-                    alg.first_order, run.batching)
+    """One outer step on a meta-batch: the algorithm's outer direction for every meta-parameter,
+    then the optimizer's step; returns the mean query loss (detached)."""
     run.optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
+    grads, loss = run.algorithm.outer_gradient(dict(run.model.named_parameters()), tasks, run.batching)
+    for name, p in run.algorithm.meta_parameters().items():
+        p.grad = grads[name]
     run.optimizer.step()
-    return out.loss.detach()
+    return loss
 
 
 def validate(run: Run, writer: SummaryWriter, val_tasks) -> dict[str, float]:
     """Metric on the fixed validation tasks after 0..test_inner_steps inner steps."""
     alg = run.cfg.algorithm
-    curve = adaptation_curve(run.model, dict(run.model.named_parameters()), val_tasks, run.task.loss_fn,
-                             run.task.metric_fn, alg.inner_lr, alg.test_inner_steps).metric.mean(dim=1)
+    params = dict(run.model.named_parameters())
+    curve = run.algorithm.curve(params, val_tasks, run.task.metric_fn, alg.test_inner_steps).metric.mean(dim=1)
     name = run.task.metric_name
     steps = sorted({0, alg.inner_steps, *run.cfg.trainer.report_steps})
     scores = {f"{name}_after_{s}_steps": float(curve[s]) for s in steps}
@@ -187,7 +192,7 @@ def validate(run: Run, writer: SummaryWriter, val_tasks) -> dict[str, float]:
         run.best = score
         save(run, checkpoint.BEST)
     gen = fixed_generator(run, run.cfg.trainer.val_seed + 1)
-    run.task.visualize(writer, run.iteration, run.model, dict(run.model.named_parameters()), gen, alg.inner_lr)
+    run.task.visualize(writer, run.iteration, run.model, params, gen, run.algorithm.adapt_to)
     return scores
 
 
@@ -279,8 +284,8 @@ def evaluate(run: Run, chunk: int = 100) -> dict:
         # all test tasks drawn at once from the fixed seed, so the set never depends on `chunk`
         tasks = run.task.sample(tr.test_tasks, shots, run.task.test_queries, fixed_generator(run, tr.test_seed),
                                 split="test").tasks
-        parts = [adaptation_curve(run.model, params, type(tasks)(*(t[i:i + chunk] for t in tasks)), run.task.loss_fn,
-                                  run.task.metric_fn, alg.inner_lr, alg.test_inner_steps)
+        parts = [run.algorithm.curve(params, type(tasks)(*(t[i:i + chunk] for t in tasks)), run.task.metric_fn,
+                                     alg.test_inner_steps)
                  for i in range(0, tr.test_tasks, chunk)]
         metric = torch.cat([p.metric for p in parts], dim=1)  # [steps + 1, tasks]
         diverged = diverged_tasks(torch.cat([p.loss for p in parts], dim=1), tr.divergence_ratio)
@@ -316,6 +321,7 @@ def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, ev
         if cfg.trainer.evaluate_best and best.is_file():
             best_state = checkpoint.load(best)
             run.model.load_state_dict(best_state["model"])
+            run.algorithm.load_state_dict(best_state.get("algorithm", {}))
             run.iteration, run.train_seconds = best_state["iteration"], best_state.get("train_seconds")
             log.info("evaluating the best validation checkpoint (iteration %d)", run.iteration)
     results = evaluate(run)

@@ -1,0 +1,157 @@
+"""The seam between the trainers and the meta-learning algorithms.
+
+A trainer knows an algorithm only through :class:`Algorithm`:
+
+* the meta-parameters it owns beyond the model's (``self.parameters()``: Meta-SGD's rates, MAML++'s
+  per-step rates and norm weights), which the outer optimizer updates and checkpoints save;
+* :meth:`Algorithm.outer_gradient`: how a meta-batch becomes the direction the outer optimizer steps
+  along, for every meta-parameter (a gradient, as MAML; a parameter difference, as Reptile; an
+  implicit gradient, as iMAML);
+* :meth:`Algorithm.start`, :meth:`Algorithm.adapt_step` and :meth:`Algorithm.weights`: how it adapts
+  to one task, step by step; training, evaluation and the figures all adapt through these;
+* :meth:`Algorithm.check`: what it needs of its config and the model.
+
+The per-task methods are pure functions of tensors, so the same code runs for one task in a Python
+loop (the ``"autograd"`` gradient engine) or for a whole meta-batch under ``torch.func.vmap``
+(the ``"func"`` engine); see :mod:`metarun.meta.batching`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from metarun.meta.batching import over_tasks
+from metarun.meta.inner import Rate, gradients, inner_step
+from metarun.types import Curve, LossFn, MetaOutput, Params, TaskBatch
+
+State = Params
+"""What an algorithm carries from one inner step to the next for one task: the adapted parameters
+(and, for an algorithm whose inner optimizer has state, that state too)."""
+
+PREFIX = "algorithm."
+"""Meta-parameters the algorithm owns are named ``algorithm.<name>`` beside the model's own names."""
+
+
+class Algorithm(nn.Module):
+    """A gradient-based meta-learner; this base class is MAML with the first-order switch.
+
+    Subclasses change what they need: :meth:`inner_rate` (Meta-SGD, MAML++), :attr:`adapted`
+    (ANIL), :meth:`step_weights` (MAML++), :meth:`task_objective` (MAML++'s multi-step loss), or
+    :meth:`outer_gradient` and the inner step itself (Reptile, iMAML).
+
+    Args:
+        cfg: the ``algorithm`` config group.
+        model: the network; the algorithm calls it through ``functional_call`` and does not own it.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` of the task family.
+    """
+
+    def __init__(self, cfg: DictConfig, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.__dict__["model"] = model  # not a submodule: the model's parameters are not the algorithm's
+        self.loss_fn = loss_fn
+        self.name = str(cfg.name)
+        self.alpha = float(cfg.inner_lr)
+        self.inner_steps = int(cfg.inner_steps)
+        self.first_order = bool(cfg.first_order)
+        self.adapted: frozenset[str] | None = None  # the parameters that adapt in the inner loop (None: all)
+
+    @classmethod
+    def check(cls, cfg: DictConfig, model: nn.Module) -> None:
+        """Raise :class:`~metarun.utils.errors.ConfigError` naming the setting this algorithm cannot
+        serve with ``cfg`` and ``model``; nothing by default."""
+
+    # --- the meta-parameters -------------------------------------------------------------------
+
+    def meta_parameters(self) -> dict[str, nn.Parameter]:
+        """Every parameter the outer optimizer updates: the model's, then the algorithm's own."""
+        return {**dict(self.model.named_parameters()),
+                **{PREFIX + k: p for k, p in self.named_parameters()}}
+
+    # --- adapting to one task (pure: runs per task, also under vmap) ---------------------------
+
+    def inner_rate(self, step: int) -> Rate:
+        """The inner learning rate of step ``step`` (a number, or a tensor per parameter name)."""
+        return self.alpha
+
+    def step_weights(self, step: int) -> Params:
+        """Parameters that replace the adapted ones in the forward pass at step ``step`` (MAML++'s
+        per-step norm weights); none by default."""
+        return {}
+
+    def start(self, params: Params) -> State:
+        """The state before the first inner step."""
+        return params
+
+    def adapt_step(self, state: State, x: Tensor, y: Tensor, step: int, first_order: bool,
+                   engine: str = "func") -> State:
+        """One inner step on the support set ``(x, y)``: the one inner step of :mod:`metarun.meta.inner`."""
+        fixed = self.step_weights(step)
+
+        def loss(p: Params) -> Tensor:
+            return self.loss_fn(functional_call(self.model, {**p, **fixed}, (x,)), y)
+
+        return inner_step(state, gradients(loss, state, self.adapted, first_order, engine), self.inner_rate(step))
+
+    def weights(self, state: State, step: int) -> Params:
+        """The parameters the model runs with after ``step`` inner steps."""
+        fixed = self.step_weights(step)
+        return {**state, **fixed} if fixed else state
+
+    def adapt_to(self, params: Params, x: Tensor, y: Tensor, steps: int) -> Params:
+        """``steps`` inner steps on one task's support set, no graph kept (figures, users' code)."""
+        params = {k: p.detach() for k, p in params.items()}
+        state = self.start(params)
+        for i in range(steps):
+            state = self.adapt_step(state, x, y, i, first_order=True)
+        return self.weights(state, steps)
+
+    # --- the outer update ----------------------------------------------------------------------
+
+    def task_objective(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor,
+                       engine: str) -> tuple[Tensor, Tensor]:
+        """One task's outer loss: ``inner_steps`` inner steps on the support set, then the query loss.
+        Returns the loss and the query outputs."""
+        state = self.start(params)
+        for i in range(self.inner_steps):
+            state = self.adapt_step(state, sx, sy, i, self.first_order, engine)
+        out = functional_call(self.model, self.weights(state, self.inner_steps), (qx,))
+        return self.loss_fn(out, qy), out
+
+    def outer_loss(self, params: Params, tasks: TaskBatch, batching: str) -> MetaOutput:
+        """The mean of :meth:`task_objective` over the meta-batch (vmap or loop)."""
+        losses, outputs = over_tasks(partial(self.task_objective, params), tasks, batching)
+        return MetaOutput(losses.mean(), losses, outputs)
+
+    def outer_gradient(self, params: Params, tasks: TaskBatch, batching: str) -> tuple[Params, Tensor]:
+        """The direction the outer optimizer steps along for every meta-parameter, keyed as
+        :meth:`meta_parameters` (here: the gradient of :meth:`outer_loss`), and the mean query loss."""
+        own = dict(self.named_parameters())
+        out = self.outer_loss(params, tasks, batching)
+        wrt = [*params.values(), *own.values()]
+        grads = torch.autograd.grad(out.loss, wrt, allow_unused=True)
+        names = [*params, *(PREFIX + k for k in own)]
+        return {k: torch.zeros_like(p) if g is None else g for k, p, g in zip(names, wrt, grads)}, out.loss.detach()
+
+    # --- evaluation ----------------------------------------------------------------------------
+
+    def curve(self, params: Params, tasks: TaskBatch, metric_fn, steps: int) -> Curve:
+        """The metric and the loss on each task's query set after 0, 1, ..., ``steps`` inner steps
+        (no graph kept), each ``[steps + 1, tasks]``."""
+        params = {k: p.detach() for k, p in params.items()}
+
+        def one_task(sx, sy, qx, qy):
+            state, values = self.start(params), []
+            for i in range(steps + 1):
+                out = functional_call(self.model, self.weights(state, i), (qx,))
+                values.append(torch.stack([metric_fn(out, qy), self.loss_fn(out, qy)]))
+                if i < steps:
+                    state = self.adapt_step(state, sx, sy, i, first_order=True)
+            return torch.stack(values)  # [steps + 1, 2]
+
+        curves = vmap(one_task)(*tasks)  # [tasks, steps + 1, 2]
+        return Curve(curves[..., 0].T, curves[..., 1].T)

@@ -1,0 +1,54 @@
+"""Running one task's computation over a meta-batch: batched with ``torch.func.vmap``, or in a
+Python loop.
+
+* ``batching="vmap"``: the per-task function runs once under ``vmap`` with the ``"func"`` gradient
+  engine (``torch.func.grad``): the fast path.
+* ``batching="loop"``: a Python loop over tasks with the ``"autograd"`` engine
+  (``torch.autograd.grad``): the reference the correctness tests hold the fast path to, and the
+  faster choice for conv nets on a CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from metarun.types import LossFn, Params, TaskBatch
+
+ENGINES = {"vmap": "func", "loop": "autograd"}
+
+
+def task_loss(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
+    """Loss of ``model`` run with ``params`` on one task's inputs ``x`` and targets ``y``."""
+    return loss_fn(functional_call(model, params, (x,)), y)
+
+
+def over_tasks(fn: Callable, tasks: TaskBatch, batching: str):
+    """``fn(support_x, support_y, query_x, query_y, engine)`` for every task of ``tasks``, results
+    stacked along a new first dimension (a tuple of tensors, or one tensor)."""
+    if batching == "vmap":
+        return vmap(lambda *task: fn(*task, engine="func"))(*tasks)
+    if batching == "loop":
+        results = [fn(*task, engine="autograd") for task in zip(*tasks)]
+        if isinstance(results[0], tuple):
+            return tuple(torch.stack(parts) for parts in zip(*results))
+        return torch.stack(results)
+    raise ValueError(f"batching must be 'vmap' or 'loop', got {batching!r}")
+
+
+def resolve_batching(batching: str, device: torch.device, model: nn.Module) -> str | None:
+    """Turn ``batching="auto"`` into ``"vmap"`` or ``"loop"`` where the faster one is known.
+
+    On CUDA vmap wins for every model we ship; on a CPU it wins for MLPs. For a conv net on a CPU
+    it depends on the size and the threads, so this returns ``None``: the trainer times both on a
+    probe meta-batch and keeps the faster (:func:`metarun.trainers.supervised.measure_batching`).
+    """
+    if batching != "auto":
+        return batching
+    if device.type == "cuda":
+        return "vmap"
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    return None if has_conv else "vmap"
