@@ -65,9 +65,10 @@ def _output_subdir(resume, evaluate):
 
 def _config_groups() -> str:
     """``metarun --help``'s list of config groups: the folders of configs/ and their options (the
-    internal ``schema/`` groups, which live in the ConfigStore, and Hydra's own are not listed)."""
+    internal ``schema/`` groups, which live in the ConfigStore, Hydra's own, and ``paper/``, which
+    follows from the setting and the algorithm, are not listed)."""
     lines = []
-    for folder in sorted(p for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name != "hydra"):
+    for folder in sorted(p for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name not in ("hydra", "paper")):
         lines.append(f"{folder.name}: {', '.join(sorted(f.stem for f in folder.glob('*.yaml')))}")
     return "\n".join(lines)
 
@@ -103,8 +104,8 @@ def _saved_config(target: str, name: str) -> tuple[DictConfig, dict]:
     schema = typed(saved)  # the saved config as this version reads it: newer fields at their defaults
     for override in OverridesParser.create().parse_overrides(HydraConfig.get().overrides.task):
         key = override.key_or_group
-        if key in ("resume", "evaluate") or (key == "task" and override.value() == saved.task.name):
-            continue  # naming the run's own task changes nothing (main() adds it for composing)
+        if key in ("resume", "evaluate") or (key in ("task", "algorithm") and override.value() == saved[key].name):
+            continue  # naming the run's own task or algorithm changes nothing (main() adds them for composing)
         current = OmegaConf.select(schema, key, default=_ABSENT)
         parent = OmegaConf.select(schema, key.rpartition(".")[0]) if "." in key else None
         # '+' only adds an entry to a free-form mapping such as task.env_kwargs, never a group
@@ -224,10 +225,22 @@ def _one_line(exc: BaseException) -> str:
     if exc.__cause__ is not None and isinstance(exc.__cause__, OmegaConfBaseException):
         parts.append(str(exc.__cause__))
     text = " ".join(parts)
+    if match := re.search(r"Could not find 'paper/(?P<setting>[^/']+)/(?P<algorithm>[^']+)'", text):
+        return _no_paper_values(match["setting"], match["algorithm"])
     text = text.split("Config search path:")[0]
     text = re.sub(r"\s*object_type=\S+", "", text)
     text = re.sub(r"\s*\n\s*", " ", text).strip()
     return text.replace("Available options in", "available options in").replace(": \t", ": ")
+
+
+def _no_paper_values(setting: str, algorithm: str) -> str:
+    """An algorithm that has no values for a setting (Reptile on a meta-RL task, say)."""
+    folder = Path(CONFIG_DIR) / "paper" / setting
+    have = sorted(p.stem for p in folder.glob("*.yaml"))
+    if not have:
+        return f"setting={setting} is not known (known: {', '.join(sorted(p.stem for p in (Path(CONFIG_DIR) / 'setting').glob('*.yaml')))})"
+    return (f"algorithm={algorithm} has no values for the setting {setting} (configs/paper/{setting}/ has "
+            f"{', '.join(have)}): choose one of those algorithms, or a task / experiment it serves")
 
 
 _NOT_A_KEY = re.compile(r"Could not override '(?P<key>[^']+)'.*Key '[^']+' (is )?not in", re.DOTALL)
@@ -262,19 +275,20 @@ def _version() -> str:
 
 
 def _with_the_runs_task(args: list[str]) -> list[str]:
-    """``resume=`` / ``evaluate=``: compose with the run's own task, which brings its model, algorithm
-    and trainer groups, so that Hydra accepts overrides of their keys (``task.horizon=...`` of an Ant
+    """``resume=`` / ``evaluate=``: compose with the run's own task (which brings its model and trainer
+    groups) and algorithm, so that Hydra accepts overrides of their keys (``task.horizon=...`` of an Ant
     run is not a key of the default sinusoid task). run() then applies them to the saved config."""
     targets = [(arg.split("=", 1)[1], arg.startswith("evaluate=")) for arg in args
                if arg.startswith(("resume=", "evaluate="))]
-    if len(targets) != 1 or any(arg.lstrip("+~").startswith("task=") for arg in args):
+    if len(targets) != 1 or any(arg.lstrip("+~").startswith(("task=", "algorithm=")) for arg in args):
         return args  # nothing to resume, both given, or a task named: run() reports what is wrong
     target, evaluate = targets[0]
     try:
-        task = checkpoint.load(target, name=_checkpoint_name(target, evaluate))["config"]["task"]["name"]
+        saved = checkpoint.load(target, name=_checkpoint_name(target, evaluate))["config"]
+        task, algorithm = saved["task"]["name"], saved["algorithm"]["name"]
     except (MetarunError, KeyError, TypeError):
         return args  # run() loads it again and reports a bad checkpoint in one line
-    return [*args, f"task={task}"]
+    return [*args, f"task={task}", f"algorithm={algorithm}"]
 
 
 def main() -> None:

@@ -129,6 +129,8 @@ class OptimizerConfig:
 
 @dataclass
 class AlgorithmConfig:
+    """What every supervised algorithm takes (MAML's keys); the others add their own below."""
+
     name: str = "maml"
     inner_lr: float = 0.01
     inner_steps: int = 1
@@ -137,6 +139,40 @@ class AlgorithmConfig:
     batching: str = "auto"
     meta_batch_size: int = 25
     outer_optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    outer_schedule: Any = None  # a torch LR scheduler (_partial_: the trainer passes the optimizer), or null
+
+
+@dataclass
+class MetaSGDConfig(AlgorithmConfig):
+    name: str = "metasgd"
+    rate_init: str = "constant"
+
+
+@dataclass
+class MAMLPlusPlusConfig(AlgorithmConfig):
+    name: str = "mamlpp"
+    multi_step_loss: bool = True
+    multi_step_loss_epochs: int = 10
+    learned_rates: bool = True
+    per_step_norm: bool = True
+    first_order_epochs: int = 0
+    iterations_per_epoch: int = 500
+
+
+@dataclass
+class ReptileConfig(AlgorithmConfig):
+    name: str = "reptile"
+    inner_optimizer: str = "adam"
+    adam_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    adam_eps: float = 1e-8
+    transductive: bool = True
+
+
+@dataclass
+class IMAMLConfig(AlgorithmConfig):
+    name: str = "imaml"
+    lam: float = 2.0
+    cg_iterations: int = 5
 
 
 @dataclass
@@ -211,7 +247,9 @@ SCHEMAS = {  # (group, key that names the choice) -> {choice: schema}
                          **{name: LocomotionTaskConfig for name in LOCOMOTION}},
     ("model", "_target_"): {"metarun.models.MLP": MLPConfig, "metarun.models.Conv4": Conv4Config,
                             "metarun.models.GaussianPolicy": GaussianPolicyConfig},
-    ("algorithm", "name"): {"maml": AlgorithmConfig, "fomaml": AlgorithmConfig, "maml_trpo": RLAlgorithmConfig},
+    ("algorithm", "name"): {"maml": AlgorithmConfig, "fomaml": AlgorithmConfig, "anil": AlgorithmConfig,
+                            "metasgd": MetaSGDConfig, "mamlpp": MAMLPlusPlusConfig, "reptile": ReptileConfig,
+                            "imaml": IMAMLConfig, "maml_trpo": RLAlgorithmConfig},
     ("trainer", "name"): {"supervised": SupervisedTrainerConfig, "rl": RLTrainerConfig},
 }
 
@@ -282,6 +320,10 @@ def register_configs() -> None:
     cs.store(group="schema/model", name="mlp", node=MLPConfig)
     cs.store(group="schema/model", name="conv4", node=Conv4Config)
     cs.store(group="schema/algorithm", name="maml", node=AlgorithmConfig)
+    cs.store(group="schema/algorithm", name="metasgd", node=MetaSGDConfig)
+    cs.store(group="schema/algorithm", name="mamlpp", node=MAMLPlusPlusConfig)
+    cs.store(group="schema/algorithm", name="reptile", node=ReptileConfig)
+    cs.store(group="schema/algorithm", name="imaml", node=IMAMLConfig)
     cs.store(group="schema/trainer", name="supervised", node=SupervisedTrainerConfig)
     cs.store(group="schema/task", name="navigation2d", node=Navigation2DTaskConfig)
     cs.store(group="schema/task", name="locomotion", node=LocomotionTaskConfig)
@@ -320,7 +362,10 @@ def validate(cfg: DictConfig) -> None:
         need(all(lr > 0 for lr in alg.test_inner_lrs), "algorithm.test_inner_lrs", "all > 0", list(alg.test_inner_lrs))
         need(task.horizon >= 1, "task.horizon", ">= 1", task.horizon)
         return
-    need(alg.name in ("maml", "fomaml"), "algorithm", "maml or fomaml for a supervised task", alg.name)
+    from metarun.algorithms import ALGORITHMS  # torch and the algorithms only once a config is checked
+
+    need(alg.name in ALGORITHMS, "algorithm", f"one of {', '.join(sorted(ALGORITHMS))} for a supervised task", alg.name)
+    ALGORITHMS[alg.name].check_config(cfg)
     need(alg.test_inner_steps >= 0, "algorithm.test_inner_steps", ">= 0", alg.test_inner_steps)
     need(alg.outer_optimizer.lr > 0, "algorithm.outer_optimizer.lr", "> 0", alg.outer_optimizer.lr)
     need(alg.batching in ("auto", "vmap", "loop"), "algorithm.batching", "auto, vmap or loop", alg.batching)

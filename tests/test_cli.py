@@ -81,6 +81,7 @@ def test_python_dash_m_and_console_script_agree(cli):
 ])
 def test_bad_input_is_one_line_and_exit_2(cli, args, fragments):
     assert_one_line_error(cli(*args), *fragments)
+    assert runs_in(cli.cwd) == []  # and nothing is left behind
 
 
 def runs_in(root: Path) -> list[Path]:

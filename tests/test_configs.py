@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from metarun.algorithms import ALGORITHMS
 from metarun.cli import CONFIG_DIR
 from metarun.config import check_added_keys, validate
 from metarun.models import BatchStatNorm
@@ -17,7 +19,7 @@ from tests.conftest import compose_config
 
 pytestmark = pytest.mark.configs
 
-GROUPS = ["task", "model", "algorithm", "trainer", "experiment", "sweep", "debug"]
+GROUPS = ["task", "model", "algorithm", "trainer", "setting", "experiment", "sweep", "debug"]
 
 
 def options(group: str) -> list[str]:
@@ -26,11 +28,14 @@ def options(group: str) -> list[str]:
 
 # pieces that only make sense with an RL task are composed with one
 RL_PIECES = {("model", "gaussian_policy"), ("algorithm", "maml_trpo"), ("trainer", "rl")}
+RL_SETTINGS = {"navigation2d", "halfcheetah_dir", "halfcheetah_vel", "ant_dir", "ant_vel"}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_config_file_composes_and_validates(group, option):
     companion = ["task=navigation2d"] if (group, option) in RL_PIECES else []
+    if group == "setting":  # a setting is composed with a task of its family (and so its algorithm)
+        companion = [f"task={option if option in RL_SETTINGS else option.split('_')[0]}"]
     cfg = compose_config(*companion, f"{group}={option}")
     validate(cfg)
     assert cfg.task.name and cfg.trainer.name
@@ -127,13 +132,13 @@ def test_noconv_presets_are_the_conv4_presets_with_the_papers_fc_network(shots):
 
 
 def test_mismatched_families_are_refused():
-    with pytest.raises(ConfigError, match="algorithm must be maml or fomaml for a supervised task"):
-        validate(compose_config("task=sinusoid", "algorithm=maml_trpo"))
-    with pytest.raises(ConfigError, match="algorithm must be maml_trpo for an RL task"):
-        validate(compose_config("task=halfcheetah_dir", "algorithm=maml"))
-    # a task preset that sets RL-only algorithm keys fails already when composing, naming the key
-    with pytest.raises(ConfigCompositionException, match="test_inner_lrs"):
-        compose_config("task=navigation2d", "algorithm=maml")
+    # the settings of one family have no values for the other family's algorithms: composing fails
+    for task, algorithm in (("sinusoid", "maml_trpo"), ("halfcheetah_dir", "maml"), ("navigation2d", "fomaml")):
+        with pytest.raises(MissingConfigException, match=f"paper/{task}/{algorithm}"):
+            compose_config(f"task={task}", f"algorithm={algorithm}")
+    # a setting of the other family, chosen by hand, fails too: its protocol keys are not the trainer's
+    with pytest.raises(ConfigCompositionException, match="report_steps"):
+        compose_config("task=halfcheetah_dir", "algorithm=maml", "setting=sinusoid")
 
 
 def test_every_yaml_key_is_commented():
@@ -167,3 +172,58 @@ def test_plus_adds_keys_only_inside_free_form_mappings():
         check_added_keys(cfg, ["+trainer.iteratons=10"], Path(CONFIG_DIR))
     with pytest.raises(ConfigError, match="'[+]seeed=1': seeed is not a key of the config; did you mean seed"):
         check_added_keys(compose_config("+seeed=1"), ["+seeed=1"], Path(CONFIG_DIR))
+
+
+def setting_of(experiment: str) -> str:
+    """The setting an experiment preset picks (following the presets it builds on)."""
+    node = OmegaConf.load(Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml")
+    for entry in node.get("defaults", []):
+        if isinstance(entry, str):
+            return setting_of(entry)
+        for key, value in entry.items():
+            if key == "override /setting":
+                return value
+    raise AssertionError(f"experiment {experiment} picks no setting")
+
+
+def leaves(node, prefix: str = "") -> dict:
+    """Every value of a config under its dotted key (``algorithm.outer_optimizer.lr``)."""
+    out = {}
+    for key, value in (OmegaConf.to_container(node) if not isinstance(node, dict) else node).items():
+        if key == "defaults":
+            continue
+        out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def paper_values(setting: str, algorithm: str) -> dict:
+    """What configs/paper/<setting>/<algorithm>.yaml sets, its own defaults (other paper files) first."""
+    node = OmegaConf.load(Path(CONFIG_DIR) / "paper" / setting / f"{algorithm}.yaml")
+    merged = OmegaConf.create()
+    for entry in node.get("defaults", []):
+        merged = OmegaConf.merge(merged, paper_values(*entry.strip("/").split("/")[1:]))
+    return OmegaConf.merge(merged, {k: v for k, v in node.items() if k != "defaults"})
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_every_algorithm_on_every_experiment_gets_its_own_sources_values(experiment, algorithm):
+    """Precedence that cannot lie: `experiment=E algorithm=A` runs A with A's values for E's setting
+    (configs/paper/<setting>/<A>.yaml), except where the preset itself deviates on purpose."""
+    cfg = compose_config(f"experiment={experiment}", f"algorithm={algorithm}")
+    preset = OmegaConf.load(Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml")
+    expected = paper_values(setting_of(experiment), algorithm)
+    assert cfg.algorithm.name == algorithm
+    for key, value in leaves(expected).items():
+        want = leaves(preset).get(key, value)  # a deviation of the preset wins
+        assert OmegaConf.select(cfg, key) == want, key
+    # and an algorithm's own file is not silently overridden by another's values
+    assert OmegaConf.to_container(cfg.algorithm) != OmegaConf.to_container(
+        compose_config(f"experiment={experiment}", "algorithm=maml").algorithm) or algorithm == "maml"
+
+
+def test_a_combination_without_values_fails_with_a_clear_line(cli):
+    from tests.test_cli import assert_one_line_error
+
+    assert_one_line_error(cli("task=navigation2d", "algorithm=maml"),
+                          "algorithm=maml has no values for the setting navigation2d", "maml_trpo")

@@ -64,7 +64,8 @@ CASES = {
 
 
 def algorithm(name, model, loss_fn, **values):
-    """The algorithm ``name`` as a run builds it, with ``values`` set in its config (float64)."""
+    """The algorithm ``name`` as a run builds it (its sinusoid paper values: the default setting),
+    with ``values`` set in its config, in float64."""
     cfg = compose_config(f"algorithm={name}", *(f"algorithm.{k}={v}" for k, v in values.items()))
     return build(cfg.algorithm, model, loss_fn).double()
 

@@ -10,7 +10,7 @@ import torch
 from metarun.meta import task_loss
 from metarun.meta.gradcheck import sgd_reference
 from metarun.trainers import supervised as sup
-from metarun.trainers.common import (
+from metarun.trainers.results import (
     cell_text,
     diverged_tasks,
     mean_ci,

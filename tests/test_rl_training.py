@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from metarun.meta import policy_gradient as pg
 from metarun.trainers import rl
 from metarun.utils import checkpoint
 from metarun.utils.errors import DivergedError
@@ -79,14 +80,14 @@ def test_rl_time_budget_stops_with_a_checkpoint(tmp_path):
 
 @pytest.mark.smoke
 def test_nan_actions_stop_with_the_iteration_named(tmp_path, monkeypatch):
-    original, calls = rl.make_act, {"n": 0}
+    original, calls = pg.make_act, {"n": 0}
 
     def poisoned(policy, params, generator, per_task):
         calls["n"] += 1
         act = original(policy, params, generator, per_task)
         return (lambda obs: act(obs) * float("nan")) if calls["n"] == 3 else act  # iteration 2, pre-update
 
-    monkeypatch.setattr(rl, "make_act", poisoned)
+    monkeypatch.setattr(pg, "make_act", poisoned)
     with pytest.raises(DivergedError, match="at iteration 2"):
         rl.run_rl(compose_config("task=navigation2d", *TINY, "trainer.iterations=3"), tmp_path)
     assert checkpoint.load(tmp_path)["iteration"] == 1

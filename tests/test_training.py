@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from metarun.trainers import supervised as sup
-from metarun.trainers.common import mean_ci
+from metarun.trainers.results import mean_ci
 from metarun.utils import checkpoint
 from metarun.utils.errors import CheckpointError, DivergedError
 from tests.conftest import compose_config

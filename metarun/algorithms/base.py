@@ -61,9 +61,24 @@ class Algorithm(nn.Module):
         self.adapted: frozenset[str] | None = None  # the parameters that adapt in the inner loop (None: all)
 
     @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """Range checks of the whole config (``cfg``) that a type cannot express, run before anything is
+        built; raise :class:`~metarun.utils.errors.ConfigError` naming the setting. Nothing by default."""
+
+    @classmethod
     def check(cls, cfg: DictConfig, model: nn.Module) -> None:
         """Raise :class:`~metarun.utils.errors.ConfigError` naming the setting this algorithm cannot
-        serve with ``cfg`` and ``model``; nothing by default."""
+        serve with ``cfg`` (the ``algorithm`` group) and ``model``; nothing by default."""
+
+    def on_iteration(self, iteration: int) -> None:
+        """Called before each outer step with the number of steps taken so far, for what follows a
+        schedule (MAML++'s loss weights and derivative order). It may change tensors in place only,
+        so a captured CUDA graph sees the change; nothing by default."""
+
+    def graph_key(self) -> tuple:
+        """What a captured step depends on beyond tensors (a CUDA graph is captured again when it
+        changes): the derivative order by default."""
+        return (self.first_order,)
 
     # --- the meta-parameters -------------------------------------------------------------------
 
@@ -139,6 +154,12 @@ class Algorithm(nn.Module):
 
     # --- evaluation ----------------------------------------------------------------------------
 
+    def query_outputs(self, weights: Params, sx: Tensor, qx: Tensor) -> Tensor:
+        """The model's outputs on a task's query examples at evaluation: all of them in one batch
+        (transductive, as MAML's code; Reptile can predict each with the support set instead)."""
+        return functional_call(self.model, weights, (qx,))
+
+    @torch.no_grad()  # (torch.func.grad inside still differentiates: it ignores an outer no_grad)
     def curve(self, params: Params, tasks: TaskBatch, metric_fn, steps: int) -> Curve:
         """The metric and the loss on each task's query set after 0, 1, ..., ``steps`` inner steps
         (no graph kept), each ``[steps + 1, tasks]``."""
@@ -147,7 +168,7 @@ class Algorithm(nn.Module):
         def one_task(sx, sy, qx, qy):
             state, values = self.start(params), []
             for i in range(steps + 1):
-                out = functional_call(self.model, self.weights(state, i), (qx,))
+                out = self.query_outputs(self.weights(state, i), sx, qx)
                 values.append(torch.stack([metric_fn(out, qy), self.loss_fn(out, qy)]))
                 if i < steps:
                     state = self.adapt_step(state, sx, sy, i, first_order=True)

@@ -25,6 +25,28 @@ from metarun.meta.inner import adapt
 from metarun.types import Params, Rollouts
 
 
+def make_act(policy: nn.Module, params: Params, generator: torch.Generator, per_task: bool):
+    """The sampling function environments call: observations ``[tasks, trajectories, obs]`` ->
+    Gaussian actions; ``per_task`` params carry a leading task axis (adapted policies)."""
+
+    def act(obs: Tensor) -> Tensor:
+        with torch.no_grad():
+            obs = obs.to(torch.float32)
+            if per_task:
+                mean = vmap(lambda p, o: functional_call(policy, p, (o,)))(params, obs)
+                std = params["log_std"].exp()[:, None, :]
+            else:
+                mean, std = functional_call(policy, params, (obs,)), params["log_std"].exp()
+            return mean + std * torch.randn(mean.shape, generator=generator)
+
+    return act
+
+
+def episode_returns(rollouts: Rollouts) -> Tensor:
+    """Undiscounted return of every episode, ``[tasks, trajectories]``."""
+    return (rollouts.rewards * rollouts.mask).sum(dim=-1)
+
+
 def discounted_sum(values: Tensor, mask: Tensor, discount: float) -> Tensor:
     """``out[t] = sum_k discount^k values[t + k]`` along the last (time) axis, within the mask."""
     out = torch.zeros_like(values)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from metarun.trainers.common import objective
+from metarun.trainers.results import objective
 from metarun.trainers.supervised import run_supervised
 
 

@@ -41,15 +41,19 @@ def warm_up_and_undo(step: Callable, run, tasks: TaskBatch, times: int) -> None:
 class GraphedMetaStep:
     """Wraps a meta-step ``step(run, tasks) -> loss`` (``trainers.supervised.meta_step``) so that
     it is captured once and replayed. The step's own ``zero_grad(set_to_none=True)`` finds the
-    gradients already ``None`` during capture, so it records nothing and replays write afresh."""
+    gradients already ``None`` during capture, so it records nothing and replays write afresh.
+    What the algorithm's step depends on beyond tensors (``run.algorithm.graph_key()``: MAML++'s
+    derivative order, say) is watched: when it changes the step is captured again."""
 
     def __init__(self, step: Callable[[object, TaskBatch], torch.Tensor], warmup: int = 3) -> None:
         self.step, self.warmup = step, warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: TaskBatch | None = None
         self.loss: torch.Tensor | None = None
+        self.key: tuple | None = None
 
     def _capture(self, run, tasks: TaskBatch) -> None:
+        self.key = run.algorithm.graph_key()
         self.inputs = TaskBatch(*(t.clone() for t in tasks))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -62,7 +66,7 @@ class GraphedMetaStep:
             self.loss = self.step(run, self.inputs)
 
     def __call__(self, run, tasks: TaskBatch) -> torch.Tensor:
-        if self.graph is None:
+        if self.graph is None or run.algorithm.graph_key() != self.key:
             self._capture(run, tasks)
         for buffer, value in zip(self.inputs, tasks):
             buffer.copy_(value)

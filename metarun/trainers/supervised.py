@@ -21,26 +21,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metarun.algorithms import Algorithm, build
 from metarun.meta import resolve_batching
-from metarun.trainers.common import (
-    TrainClock,
-    diverged_tasks,
-    last_good_checkpoint,
-    open_writer,
-    results_table,
-    stop_on_signals,
-    summarize,
-    training_summary,
-    write_results,
-)
 from metarun.trainers.graphed import GraphedMetaStep
+from metarun.trainers.loop import train_loop
+from metarun.trainers.results import diverged_tasks, results_table, summarize, training_summary, write_results
 from metarun.types import TaskBatch
 from metarun.utils import checkpoint
-from metarun.utils.errors import CheckpointError, ConfigError, DivergedError
+from metarun.utils.errors import CheckpointError, ConfigError
 from metarun.utils.runtime import resolve_device, seed_everything, set_threads
 
 log = logging.getLogger(__name__)
@@ -57,6 +46,7 @@ class Run:
     model: torch.nn.Module
     algorithm: Algorithm
     optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
     generators: dict[str, torch.Generator]
     batching: str
     iteration: int = 0
@@ -81,13 +71,18 @@ def setup(cfg: DictConfig, run_dir: Path, batching: str | None = None) -> Run:
     algorithm = build(cfg.algorithm, model, task.loss_fn).to(device=device, dtype=dtype)
     if cfg.trainer.cuda_graph and device.type != "cuda":
         raise ConfigError(f"trainer.cuda_graph=true needs a CUDA device, but the run is on {device}")
-    # a CUDA graph replays the optimizer step too: its state must live on the device (capturable)
+    # a CUDA graph replays the optimizer step too: its state must live on the device (capturable),
+    # and a scheduled rate too (a tensor the scheduler fills in place)
     extra = {"capturable": True} if cfg.trainer.cuda_graph else {}
+    if cfg.trainer.cuda_graph and cfg.algorithm.outer_schedule:
+        extra["lr"] = torch.tensor(float(cfg.algorithm.outer_optimizer.lr), device=device, dtype=dtype)
     optimizer = instantiate(cfg.algorithm.outer_optimizer, **extra)(algorithm.meta_parameters().values())
+    # the outer rate's schedule (MAML++'s cosine annealing, Reptile's linear one), stepped every iteration
+    scheduler = instantiate(cfg.algorithm.outer_schedule)(optimizer) if cfg.algorithm.outer_schedule else None
     # Training tasks come from their own generator, on the device, so the stream is
     # checkpointed and resumed exactly and does not depend on anything else drawing numbers.
     train_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    run = Run(cfg, run_dir, device, task, model, algorithm, optimizer, {"train": train_gen}, "")
+    run = Run(cfg, run_dir, device, task, model, algorithm, optimizer, scheduler, {"train": train_gen}, "")
     run.batching = (batching or resolve_batching(cfg.algorithm.batching, device, model)
                     or measure_batching(run))
     log.info("device=%s batching=%s (%s requested) parameters=%d cpu_threads=%d", device, run.batching,
@@ -135,6 +130,7 @@ def save(run: Run, name: str = checkpoint.LAST) -> Path:
         "model": run.model.state_dict(),
         "algorithm": run.algorithm.state_dict(),
         "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict() if run.scheduler else None,
         "iteration": run.iteration,
         "rng": checkpoint.rng_state(run.generators),
         "config": OmegaConf.to_container(run.cfg, resolve=True),
@@ -151,6 +147,8 @@ def restore(run: Run, state: dict) -> None:
     run.model.load_state_dict(state["model"])
     run.algorithm.load_state_dict(state.get("algorithm", {}))
     run.optimizer.load_state_dict(state["optimizer"])
+    if run.scheduler and state.get("scheduler"):
+        run.scheduler.load_state_dict(state["scheduler"])
     run.iteration = state["iteration"]
     run.best = state.get("best")
     run.train_seconds = state.get("train_seconds", 0.0)
@@ -178,7 +176,7 @@ def validate(run: Run, writer: SummaryWriter, val_tasks) -> dict[str, float]:
     params = dict(run.model.named_parameters())
     curve = run.algorithm.curve(params, val_tasks, run.task.metric_fn, alg.test_inner_steps).metric.mean(dim=1)
     name = run.task.metric_name
-    steps = sorted({0, alg.inner_steps, *run.cfg.trainer.report_steps})
+    steps = sorted({0, min(alg.inner_steps, alg.test_inner_steps), alg.test_inner_steps, *run.cfg.trainer.report_steps})
     scores = {f"{name}_after_{s}_steps": float(curve[s]) for s in steps}
     for key, value in scores.items():
         writer.add_scalar(f"val/{key}", value, run.iteration)
@@ -197,71 +195,32 @@ def validate(run: Run, writer: SummaryWriter, val_tasks) -> dict[str, float]:
 
 
 def train(run: Run) -> None:
-    """The meta-training loop, from ``run.iteration`` to ``trainer.iterations`` (or until
-    ``trainer.max_minutes`` have passed: then it validates, checkpoints and stops early)."""
-    cfg, tr = run.cfg, run.cfg.trainer
-    writer = open_writer(run.run_dir, cfg, run.iteration)
+    """The meta-training loop (:func:`~metarun.trainers.loop.train_loop`) with this trainer's
+    iteration (a meta-step on a fresh meta-batch, in a CUDA graph if asked), validation on a fixed
+    set of tasks, and checkpoints."""
+    tr = run.cfg.trainer
     val_tasks = run.task.sample(tr.val_tasks, run.task.shots, run.task.test_queries,
                                 fixed_generator(run, tr.val_seed), split="val").tasks
-    # Non-finite losses are tracked on the device (no sync per iteration) and checked at every
-    # log and checkpoint, so a NaN never reaches a saved checkpoint.
-    first_bad = torch.tensor(-1, device=run.device)
-    loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)
-    last_good = run.iteration
     step = GraphedMetaStep(meta_step) if tr.cuda_graph else meta_step
-    clock = TrainClock(run.device, run.train_seconds, tr.max_minutes)
-    start_iteration, start_seconds = run.iteration, run.train_seconds
-    bar = tqdm(total=tr.iterations, initial=run.iteration, disable=not tr.progress, desc="meta-train",
-               dynamic_ncols=True, mininterval=0.5)
-    with stop_on_signals() as stop, logging_redirect_tqdm():
-        while run.iteration < tr.iterations and not stop.requested:
-            loss = step(run, sample_meta_batch(run))
-            bad = ~torch.isfinite(loss)
-            first_bad = torch.where(bad & (first_bad < 0), run.iteration + 1, first_bad)
-            loss_sum += loss
-            run.iteration += 1
-            bar.update()
-            at, out_of_time = run.iteration, clock.out_of_time()
-            last = at == tr.iterations or out_of_time
-            do_log = at % tr.log_interval == 0
-            do_validate = at % tr.val_interval == 0 or last
-            do_save = at % tr.checkpoint_interval == 0 or last
-            if do_log or do_save:
-                if first_bad.item() >= 0:
-                    bar.close()
-                    raise DivergedError(f"non-finite meta-loss at iteration {first_bad.item()}; stopped. "
-                                        f"{last_good_checkpoint(run.run_dir, last_good, tr.checkpoint_interval)}")
-                if do_log:
-                    mean = loss_sum.item() / tr.log_interval
-                    loss_sum.zero_()
-                    writer.add_scalar("train/query_loss", mean, at)
-                    writer.add_scalar("train/iterations_per_s", bar.format_dict["rate"] or 0.0, at)
-                    bar.set_postfix(loss=f"{mean:.4f}")
-            if do_validate or do_save:
-                with clock.paused():  # validation and checkpoints do not count as training time
-                    run.train_seconds = clock.seconds
-                    if do_validate:
-                        scores = validate(run, writer, val_tasks)
-                        log.info("iteration %d (%.0f s of training, %.2f ms/iteration) validation %s", at,
-                                 run.train_seconds, (clock.seconds - start_seconds) / (at - start_iteration) * 1e3,
-                                 " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-                    if do_save:
-                        save(run)
-                        last_good = at
-            if out_of_time:
-                clock.log_stop(at, run.run_dir)
-                break
-    run.train_seconds = clock.read()
-    bar.close()
-    writer.close()
-    if stop.requested:
-        if first_bad.item() < 0:
-            path = save(run)
-            log.info("%s received: saved %s at iteration %d", stop.requested, path, run.iteration)
-        raise KeyboardInterrupt(stop.requested)
+
+    def one_iteration():
+        run.algorithm.on_iteration(run.iteration)  # what follows a schedule (MAML++'s loss weights)
+        loss = step(run, sample_meta_batch(run))
+        if run.scheduler is not None:
+            run.scheduler.step()
+        return loss, {"query_loss": loss}
+
+    train_loop(run, one_iteration, save=lambda: save(run), validate=lambda writer: validate(run, writer, val_tasks),
+               postfix={"loss": "query_loss"})
 
 
 # --- 4. evaluation --------------------------------------------------------------------------------
+
+
+def report_steps(cfg: DictConfig) -> list[int]:
+    """The inner-step counts results.json reports: the setting's, and the algorithm's own number of
+    test steps (Reptile's 50), after which the headline is taken."""
+    return sorted({*cfg.trainer.report_steps, cfg.algorithm.test_inner_steps})
 
 
 def evaluate(run: Run, chunk: int = 100) -> dict:
@@ -290,7 +249,7 @@ def evaluate(run: Run, chunk: int = 100) -> dict:
         metric = torch.cat([p.metric for p in parts], dim=1)  # [steps + 1, tasks]
         diverged = diverged_tasks(torch.cat([p.loss for p in parts], dim=1), tr.divergence_ratio)
         key = f"{shots}-shot"
-        results["results"][key] = {f"after_{s}_steps": summarize(metric[s], diverged[s]) for s in tr.report_steps}
+        results["results"][key] = {f"after_{s}_steps": summarize(metric[s], diverged[s]) for s in report_steps(run.cfg)}
         results["curve"][key] = [float(v) for v in metric.double().mean(dim=1)]
     return results
 

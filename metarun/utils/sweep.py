@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from metarun.trainers.common import number, objective, objective_cell
+from metarun.trainers.results import number, objective, objective_cell
 from metarun.utils.checkpoint import atomic_file
 
 

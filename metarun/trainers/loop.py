@@ -1,0 +1,211 @@
+"""The training loop both trainers share, written once: stopping on signals, the training clock
+and time budget, the cadence of logging, validation and checkpoints, TensorBoard, and stopping on a
+non-finite loss with the last good checkpoint named.
+
+A trainer supplies what one iteration does and how to save and validate; :func:`train_loop` does
+the rest, in the same order for every trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from metarun.utils import checkpoint
+from metarun.utils.errors import DivergedError, MetarunError
+
+log = logging.getLogger(__name__)
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM: finish the current iteration, checkpoint, stop. A second Ctrl-C aborts."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+
+@contextmanager
+def stop_on_signals():
+    handler, previous = StopRequest(), {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. some launchers): no handler, no harm
+            pass
+    try:
+        yield handler
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class TrainClock:
+    """Seconds spent training, across resumes (``seconds`` goes into checkpoints), not counting
+    what runs inside ``paused()`` (validation, checkpoints); and this invocation's time budget,
+    ``trainer.max_minutes`` of wall-clock time (None: no limit). On a GPU the clock waits for the
+    queued steps before it is read, so the seconds are the GPU's, not how fast Python queued them."""
+
+    def __init__(self, device: torch.device, seconds: float = 0.0, max_minutes: float | None = None) -> None:
+        self.device, self.seconds, self.max_minutes = device, seconds, max_minutes
+        self.deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
+        self.start = time.perf_counter()
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def read(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds, self.start = self.seconds + now - self.start, now
+        return self.seconds
+
+    def log_stop(self, iteration: int, run_dir: Path) -> None:
+        """Say that the budget ended training early, and how to continue."""
+        log.info("trainer.max_minutes=%g reached at iteration %d: stopped early (checkpoint written; "
+                 "metarun resume=%s continues the run)", self.max_minutes, iteration, run_dir)
+
+    @contextmanager
+    def paused(self):
+        self.read()
+        try:
+            yield self
+        finally:
+            self.start = time.perf_counter()
+
+
+def last_good_checkpoint(run_dir: Path, iteration: int, interval: int) -> str:
+    """The end of a divergence message: where training can be resumed from, if anywhere."""
+    path = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST
+    if iteration > 0 and path.is_file():
+        return f"Last good checkpoint: iteration {iteration}, {path}"
+    return (f"No checkpoint had been written yet (the first was due at iteration {interval}, "
+            f"trainer.checkpoint_interval); the log and TensorBoard events are in {run_dir}")
+
+
+def open_writer(run_dir: Path, cfg: DictConfig, iteration: int) -> SummaryWriter:
+    """The run's TensorBoard writer (events past ``iteration`` from an earlier try are dropped);
+    a fresh run also gets its hyperparameter table, once."""
+    writer = SummaryWriter(run_dir / "tb", purge_step=iteration or None)
+    if iteration == 0:
+        writer.add_text("hparams", hparams_markdown(cfg), 0)
+    return writer
+
+
+def hparams_markdown(cfg: DictConfig) -> str:
+    flat = OmegaConf.to_container(cfg, resolve=True)
+    rows = []
+
+    def walk(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                rows.append(f"|{prefix}{key}|{value}|")
+
+    walk(flat)
+    return "|key|value|\n|-|-|\n" + "\n".join(rows)
+
+
+
+
+Step = Callable[[], tuple[Tensor, dict[str, Tensor]]]
+
+
+def train_loop(run, step: Step, save: Callable[[], Path],
+               validate: Callable[[SummaryWriter], dict[str, float]] | None = None,
+               postfix: dict[str, str] | None = None, log_lines: bool = False) -> None:
+    """Meta-train ``run`` from ``run.iteration`` to ``trainer.iterations``, or until
+    ``trainer.max_minutes`` have passed (then it validates, checkpoints and stops early).
+
+    Args:
+        run: a trainer's run: ``cfg``, ``run_dir``, ``device``, ``iteration``, ``train_seconds``.
+        step: one iteration; returns its loss (a 0-dim tensor, left on the device: it is checked for
+            being finite only at log and checkpoint iterations, so no iteration waits for the GPU)
+            and its statistics, averaged and written to TensorBoard as ``train/<name>`` every
+            ``trainer.log_interval`` iterations. A :class:`MetarunError` it raises stops the run.
+        save: writes ``checkpoints/last.pt``; called every ``trainer.checkpoint_interval``
+            iterations, at the end, when the budget ends and on Ctrl-C / SIGTERM.
+        validate: writes ``val/`` scalars and returns them; every ``trainer.val_interval`` iterations
+            and at the end (None: no validation).
+        postfix: statistics shown on the progress bar, by the short name to show them under.
+        log_lines: also log every logged iteration's statistics as a line.
+    """
+    cfg, tr = run.cfg, run.cfg.trainer
+    writer = open_writer(run.run_dir, cfg, run.iteration)
+    first_bad = torch.tensor(-1, device=run.device)  # the first iteration with a non-finite loss
+    sums: dict[str, Tensor] = {}
+    last_good = run.iteration
+    clock = TrainClock(run.device, run.train_seconds, tr.max_minutes)
+    start_iteration, start_seconds = run.iteration, run.train_seconds
+    bar = tqdm(total=tr.iterations, initial=run.iteration, disable=not tr.progress, desc="meta-train",
+               dynamic_ncols=True, mininterval=0.5)
+    with stop_on_signals() as stop, logging_redirect_tqdm():
+        while run.iteration < tr.iterations and not stop.requested:
+            try:
+                loss, stats = step()
+            except MetarunError as exc:
+                raise DivergedError(f"{exc} at iteration {run.iteration + 1}; stopped. "
+                                    f"{last_good_checkpoint(run.run_dir, last_good, tr.checkpoint_interval)}") from exc
+            first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), run.iteration + 1, first_bad)
+            for key, value in stats.items():  # summed in float64, on the device
+                sums[key] = sums.get(key, 0.0) + value.double()
+            run.iteration += 1
+            bar.update()
+            at, out_of_time = run.iteration, clock.out_of_time()
+            last = at == tr.iterations or out_of_time
+            do_log = at % tr.log_interval == 0
+            do_validate = validate is not None and (at % tr.val_interval == 0 or last)
+            do_save = at % tr.checkpoint_interval == 0 or last
+            if do_log or do_save:
+                if first_bad.item() >= 0:
+                    bar.close()
+                    raise DivergedError(f"non-finite meta-loss at iteration {first_bad.item()}; stopped. "
+                                        f"{last_good_checkpoint(run.run_dir, last_good, tr.checkpoint_interval)}")
+                if do_log:
+                    means = {key: float(total) / tr.log_interval for key, total in sums.items()}
+                    sums.clear()
+                    for key, value in means.items():
+                        writer.add_scalar(f"train/{key}", value, at)
+                    writer.add_scalar("train/iterations_per_s", bar.format_dict["rate"] or 0.0, at)
+                    bar.set_postfix({short: f"{means[key]:.4g}" for short, key in (postfix or {}).items()})
+                    if log_lines:
+                        log.info("iteration %d %s", at, " ".join(f"{k}={v:.4g}" for k, v in means.items()))
+            if do_validate or do_save:
+                with clock.paused():  # validation and checkpoints do not count as training time
+                    run.train_seconds = clock.seconds
+                    if do_validate:
+                        scores = validate(writer)
+                        log.info("iteration %d (%.0f s of training, %.2f ms/iteration) validation %s", at,
+                                 run.train_seconds, (clock.seconds - start_seconds) / (at - start_iteration) * 1e3,
+                                 " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+                    if do_save:
+                        save()
+                        last_good = at
+            if out_of_time:
+                clock.log_stop(at, run.run_dir)
+                break
+    bar.close()
+    writer.close()
+    if stop.requested:  # (otherwise the last iteration saved, with the clock read)
+        run.train_seconds = clock.read()
+        if first_bad.item() < 0:
+            path = save()
+            log.info("%s received: saved %s at iteration %d", stop.requested, path, run.iteration)
+        raise KeyboardInterrupt(stop.requested)
