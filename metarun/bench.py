@@ -11,7 +11,7 @@ second one): the growth of the peak resident set (Linux ``VmHWM``) over two trai
 above the resident set after set-up (model and dataset loaded).
 
     python -m metarun.bench                       # every benchmark config, CPU and CUDA if present
-    python -m metarun.bench --configs sinusoid --iterations 100 --rounds 3
+    python -m metarun.bench --configs sinusoid --algorithms maml reptile --iterations 100 --rounds 3
     python -m metarun.bench --threads 1           # one torch thread (default: every core)
 """
 
@@ -28,11 +28,14 @@ from queue import Empty
 
 import torch
 
-# name -> (Hydra overrides, timed iterations per round by default)
+ALL = ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml"]
+
+# name -> (Hydra overrides, timed iterations per round by default, algorithms benchmarked by default);
+# each algorithm runs with its own values for the setting (configs/paper/<setting>/<algorithm>.yaml)
 CONFIGS = {
-    "sinusoid": (["experiment=sinusoid_k10"], 100),
-    "omniglot_5w1s": (["experiment=omniglot_5w1s", "task.progress=false"], 5),
-    "omniglot_20w1s": (["experiment=omniglot_20w1s", "task.progress=false"], 2),
+    "sinusoid": (["experiment=sinusoid_k10"], 100, ALL),
+    "omniglot_5w1s": (["experiment=omniglot_5w1s", "task.progress=false"], 5, ALL),
+    "omniglot_20w1s": (["experiment=omniglot_20w1s", "task.progress=false"], 2, ["maml"]),
 }
 
 
@@ -79,6 +82,18 @@ def _status_kb(field: str) -> int:
     raise OSError(field)
 
 
+def _graphable(cfg) -> bool:
+    """Whether the algorithm's step can be captured (Reptile's SGD outer step cannot)."""
+    from metarun.config import validate
+    from metarun.utils.errors import ConfigError
+
+    try:
+        validate(cfg)
+    except ConfigError:
+        return False
+    return True
+
+
 def bench_config(name: str, overrides: list[str], device: str, iterations: int, rounds: int,
                  warmup: int, memory: bool = True) -> list[dict]:
     """Time vmap and loop on one config and device; returns one row per batching."""
@@ -92,9 +107,9 @@ def bench_config(name: str, overrides: list[str], device: str, iterations: int, 
     runs = {b: sup.setup(compose(*overrides, f"device={device}", f"algorithm.batching={b}"), Path("/nonexistent"))
             for b in ("loop", "vmap")}
     steps = {"loop": sup.meta_step, "vmap": sup.meta_step}
-    if device.startswith("cuda"):  # and the whole step captured in a CUDA graph
-        runs["vmap+graph"] = sup.setup(compose(*overrides, f"device={device}", "algorithm.batching=vmap",
-                                               "trainer.cuda_graph=true"), Path("/nonexistent"))
+    graph_cfg = compose(*overrides, f"device={device}", "algorithm.batching=vmap", "trainer.cuda_graph=true")
+    if device.startswith("cuda") and _graphable(graph_cfg):  # and the whole step captured in a CUDA graph
+        runs["vmap+graph"] = sup.setup(graph_cfg, Path("/nonexistent"))
         steps["vmap+graph"] = GraphedMetaStep(sup.meta_step)
     times = {b: [] for b in runs}
     sampling = dict.fromkeys(runs, 0.0)  # seconds spent drawing meta-batches (inside the timed loop)
@@ -125,7 +140,8 @@ def bench_config(name: str, overrides: list[str], device: str, iterations: int, 
     rows = []
     for batching in runs:
         ms = statistics.median(times[batching])
-        rows.append({"config": name, "device": str(runs[batching].device), "batching": batching,
+        rows.append({"config": name, "algorithm": cfg.algorithm.name, "device": str(runs[batching].device),
+                     "batching": batching, "inner_steps": cfg.algorithm.inner_steps,
                      "auto_picks": auto, "ms_per_iteration": ms, "peak_mb": peaks.get(batching, float("nan")) / 2**20,
                      "speedup_vs_loop": loop_ms / ms,
                      "sampling_share": sampling[batching] / (sum(times[batching]) * iterations / 1e3), "meta_batch_size": cfg.algorithm.meta_batch_size,
@@ -144,6 +160,7 @@ def bench_rl(name: str, overrides: list[str], iterations: int) -> dict:
     """Environment steps per second (one meta-batch of episodes) and seconds per MAML-TRPO
     meta-iteration, split into sampling (both rollouts) and the rest (baselines, inner step, TRPO)."""
     from metarun.cli import compose
+    from metarun.meta import policy_gradient as pg
     from metarun.trainers import rl
 
     cfg = compose(*overrides, "trainer.progress=false")
@@ -152,7 +169,7 @@ def bench_rl(name: str, overrides: list[str], iterations: int) -> dict:
     params = {k: p.detach() for k, p in run.policy.named_parameters()}
     tasks = envs.sample_tasks(alg.meta_batch_size, run.generators["tasks"])
     start = time.perf_counter()
-    rollouts = envs.rollout(rl.make_act(run.policy, params, run.generators["actions"], False), tasks,
+    rollouts = envs.rollout(pg.make_act(run.policy, params, run.generators["actions"], False), tasks,
                             alg.trajectories, 0)
     steps_per_s = rollouts.mask.numel() / (time.perf_counter() - start)
     sampling = 0.0
@@ -185,11 +202,11 @@ def rl_table(rows: list[dict]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'config':<16}{'device':<8}{'batching':<12}{'ms/iter':>10}{'peak MB':>10}{'vs loop':>9}"
+    head = (f"{'config':<16}{'algorithm':<10}{'device':<8}{'batching':<12}{'ms/iter':>10}{'peak MB':>10}{'vs loop':>9}"
             f"{'sampling':>10}{'threads':>9}  auto picks")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['config']:<16}{r['device']:<8}{r['batching']:<12}{r['ms_per_iteration']:>10.2f}"
+        lines.append(f"{r['config']:<16}{r['algorithm']:<10}{r['device']:<8}{r['batching']:<12}{r['ms_per_iteration']:>10.2f}"
                      f"{r['peak_mb']:>10.1f}{r['speedup_vs_loop']:>8.2f}x{r['sampling_share']:>9.1%}{r['threads']:>9}"
                      f"  {r['auto_picks']}")
     return "\n".join(lines)
@@ -198,6 +215,8 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--algorithms", nargs="*", default=None, choices=ALL,
+                        help="default: every algorithm on sinusoid and omniglot_5w1s, MAML on omniglot_20w1s")
     parser.add_argument("--rl", nargs="*", default=list(RL_CONFIGS), choices=list(RL_CONFIGS),
                         help="meta-RL configs (environment steps/s, seconds per meta-iteration)")
     parser.add_argument("--devices", nargs="*", default=None, help="default: cpu, and cuda when present")
@@ -215,11 +234,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for device in devices:
         for name in args.configs:
-            print(f"benchmarking {name} on {device} ...", flush=True)
-            overrides, iterations = CONFIGS[name]
-            overrides = [*overrides, *threads]
-            rows += bench_config(name, overrides, device, args.iterations or iterations, args.rounds, args.warmup,
-                                 memory=not args.no_memory)
+            overrides, iterations, algorithms = CONFIGS[name]
+            for algorithm in args.algorithms or algorithms:
+                print(f"benchmarking {name} with {algorithm} on {device} ...", flush=True)
+                rows += bench_config(name, [*overrides, f"algorithm={algorithm}", *threads], device,
+                                     args.iterations or iterations, args.rounds, args.warmup, memory=not args.no_memory)
     print(table(rows))
     rl_rows = []
     for name in args.rl:

@@ -78,6 +78,13 @@ def test_python_dash_m_and_console_script_agree(cli):
     (["trainer.max_minutes=0"], ["trainer.max_minutes must be > 0 or null"]),
     (["trainer.num_threads=0"], ["trainer.num_threads must be >= 1 or null"]),
     (["device=cuda:3"] if not torch.cuda.is_available() else ["device=tpu"], ["device="]),
+    # an algorithm with what it cannot serve
+    (["algorithm=anil", "model.hidden_sizes=[]"], ["algorithm=anil needs a model with a body and a head"]),
+    (["task=navigation2d", "algorithm=reptile"], ["algorithm=reptile has no values for the setting navigation2d"]),
+    (["algorithm=imaml", "algorithm.lam=-1"], ["algorithm.lam must be > 0"]),
+    (["algorithm=imaml", "algorithm.cg_iterations=0"], ["algorithm.cg_iterations must be >= 1"]),
+    (["algorithm=mamlpp", "algorithm.per_step_norm=true"], ["algorithm.per_step_norm=true needs a model with normalization layers"]),
+    (["algorithm=reptile", "algorithm.inner_optimizer=rmsprop"], ["algorithm.inner_optimizer must be adam or sgd"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(cli, args, fragments):
     assert_one_line_error(cli(*args), *fragments)
@@ -268,10 +275,11 @@ def test_runs_from_any_directory(tmp_path):
 def test_bench_measures_both_batchings(tmp_path):
     from metarun import bench
 
-    rows = bench.main(["--configs", "sinusoid", "--devices", "cpu", "--iterations", "3", "--rounds", "1",
-                       "--warmup", "1", "--rl", "--out", str(tmp_path)])
-    assert {r["batching"] for r in rows} == {"vmap", "loop"}
+    rows = bench.main(["--configs", "sinusoid", "--algorithms", "maml", "imaml", "--devices", "cpu", "--iterations",
+                       "3", "--rounds", "1", "--warmup", "1", "--rl", "--out", str(tmp_path)])
+    assert [(r["algorithm"], r["batching"]) for r in rows] == [("maml", "loop"), ("maml", "vmap"),
+                                                                ("imaml", "loop"), ("imaml", "vmap")]
     assert all(r["ms_per_iteration"] > 0 and r["auto_picks"] == "vmap" for r in rows)
-    assert [r["speedup_vs_loop"] for r in rows if r["batching"] == "loop"] == [1.0]
+    assert [r["speedup_vs_loop"] for r in rows if r["batching"] == "loop"] == [1.0, 1.0]
     assert all(r["peak_mb"] > 0 for r in rows)  # measured in child processes
     assert list(tmp_path.glob("bench_*.json"))

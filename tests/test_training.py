@@ -25,11 +25,26 @@ def params_of(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
 
 
-@pytest.mark.parametrize("batching", ["vmap", "loop"])
-def test_resume_is_exact(tmp_path, batching):
-    """2N iterations straight == N iterations, stop, resume, N more: identical parameters."""
+# every algorithm with what it carries across a resume: learned rates and norm weights (Meta-SGD,
+# MAML++), schedules of the outer rate (MAML++, Reptile: set for 12 iterations in both runs) and of
+# MAML++'s loss weights and derivative order
+RESUMED = {
+    "maml-vmap": ("algorithm=maml", "algorithm.batching=vmap"),
+    "maml-loop": ("algorithm=maml", "algorithm.batching=loop"),
+    "metasgd": ("algorithm=metasgd", "algorithm.rate_init=uniform"),
+    "mamlpp": ("algorithm=mamlpp", "algorithm.inner_steps=2", "algorithm.outer_schedule.T_max=12",
+               "algorithm.iterations_per_epoch=2", "algorithm.multi_step_loss_epochs=3", "algorithm.first_order_epochs=2"),
+    "reptile": ("algorithm=reptile", "algorithm.inner_steps=3", "algorithm.outer_schedule.total_iters=12"),
+    "imaml": ("algorithm=imaml", "algorithm.inner_steps=3", "algorithm.test_inner_steps=10"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESUMED))
+def test_resume_is_exact(tmp_path, name):
+    """2N iterations straight == N iterations, stop, resume, N more: identical parameters, the
+    algorithm's own included."""
     n = 6
-    common = (f"algorithm.batching={batching}", "trainer.checkpoint_interval=3", "trainer.val_interval=4")
+    common = (*RESUMED[name], "trainer.checkpoint_interval=3", "trainer.val_interval=4")
     straight = tmp_path / "straight"
     sup.run_supervised(small_cfg(f"trainer.iterations={2 * n}", *common), straight)
 
@@ -40,13 +55,16 @@ def test_resume_is_exact(tmp_path, batching):
     resumed_cfg = small_cfg(f"trainer.iterations={2 * n}", *common)
     sup.run_supervised(resumed_cfg, split, state=state)
 
-    a, b = params_of(straight), params_of(split)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
     first = torch.load(straight / "checkpoints" / "last.pt", weights_only=False)
     second = torch.load(split / "checkpoints" / "last.pt", weights_only=False)
     assert first["iteration"] == second["iteration"] == 2 * n
+    for part in ("model", "algorithm"):
+        a, b = first[part], second[part]
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (part, k)
+    assert (first["algorithm"] != {}) == (name in ("metasgd", "mamlpp"))  # learned rates are checkpointed
+    a = params_of(straight)
     # and it differs from a run that was not resumed from its own state (the test can fail)
     other = tmp_path / "other"
     sup.run_supervised(small_cfg(f"trainer.iterations={2 * n}", "seed=1", *common), other)

@@ -6,14 +6,24 @@ from __future__ import annotations
 from omegaconf import DictConfig
 from torch import nn
 
+from metarun.algorithms.anil import ANIL
 from metarun.algorithms.base import Algorithm
+from metarun.algorithms.imaml import IMAML
 from metarun.algorithms.maml import MAML
+from metarun.algorithms.mamlpp import MAMLPlusPlus
+from metarun.algorithms.metasgd import MetaSGD
+from metarun.algorithms.reptile import Reptile
 from metarun.types import LossFn
 from metarun.utils.errors import ConfigError
 
 ALGORITHMS: dict[str, type[Algorithm]] = {  # algorithm.name -> class
     "maml": MAML,
     "fomaml": MAML,
+    "anil": ANIL,
+    "metasgd": MetaSGD,
+    "mamlpp": MAMLPlusPlus,
+    "reptile": Reptile,
+    "imaml": IMAML,
 }
 
 

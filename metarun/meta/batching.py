@@ -28,15 +28,20 @@ def task_loss(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss_fn: L
 
 def over_tasks(fn: Callable, tasks: TaskBatch, batching: str):
     """``fn(support_x, support_y, query_x, query_y, engine)`` for every task of ``tasks``, results
-    stacked along a new first dimension (a tuple of tensors, or one tensor)."""
+    stacked along a new first dimension (tensors, or tuples and dicts of them, as vmap returns)."""
     if batching == "vmap":
         return vmap(lambda *task: fn(*task, engine="func"))(*tasks)
     if batching == "loop":
-        results = [fn(*task, engine="autograd") for task in zip(*tasks)]
-        if isinstance(results[0], tuple):
-            return tuple(torch.stack(parts) for parts in zip(*results))
-        return torch.stack(results)
+        return _stack([fn(*task, engine="autograd") for task in zip(*tasks)])
     raise ValueError(f"batching must be 'vmap' or 'loop', got {batching!r}")
+
+
+def _stack(items: list):
+    if isinstance(items[0], dict):
+        return {k: _stack([item[k] for item in items]) for k in items[0]}
+    if isinstance(items[0], tuple):
+        return tuple(_stack(list(parts)) for parts in zip(*items))
+    return torch.stack(items)
 
 
 def resolve_batching(batching: str, device: torch.device, model: nn.Module) -> str | None:

@@ -1,6 +1,8 @@
 """Hessian-vector products over parameter dicts (reused by TRPO and implicit MAML).
 
-* :func:`hvp`: one product, forward-over-reverse (``jvp`` of ``grad``); composes with ``vmap``.
+* :func:`hvp`: one product, reverse-over-reverse (``grad`` of ``<grad f, v>``); composes with ``vmap``.
+  (Forward-over-reverse, ``jvp`` of ``grad``, is usually cheaper but fails under ``vmap`` for ReLU
+  networks in torch 2.13: "ZeroTensors are immutable".)
 * :func:`hvp_operator`: many products at the same point (conjugate gradient), reverse-over-reverse:
   the gradient's graph is built once and each product is one more backward pass through it,
   several times cheaper per product when ``f`` itself contains an inner gradient step (MAML-TRPO).
@@ -12,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp
+from torch.func import grad
 
 from metarun.types import Params
 
@@ -20,8 +22,8 @@ from metarun.types import Params
 def hvp(f: Callable[[Params], Tensor], params: Params, v: Params) -> Params:
     """The Hessian of the scalar function ``f`` at ``params`` times the direction ``v``.
 
-    Forward-over-reverse (``jvp`` of ``grad``): one gradient's cost, no dense Hessian, and it
-    works inside ``vmap``.
+    Reverse-over-reverse (``grad`` of ``<grad f, v>``): about two gradients' cost, no dense
+    Hessian, and it works inside ``vmap`` (iMAML's conjugate gradient runs per task under it).
 
     Args:
         f: a scalar function of a parameter dict.
@@ -39,7 +41,7 @@ def hvp(f: Callable[[Params], Tensor], params: Params, v: Params) -> Params:
     """
     if set(v) != set(params):
         raise ValueError(f"v has keys {sorted(v)}, params has {sorted(params)}")
-    return jvp(grad(f), (params,), (v,))[1]
+    return grad(lambda p: sum((g * v[k]).sum() for k, g in grad(f)(p).items()))(params)
 
 
 def hvp_operator(f: Callable[[Params], Tensor], params: Params) -> Callable[[Params], Params]:

@@ -51,10 +51,11 @@ def gradients(loss: Callable[[Params], Tensor], params: Params, adapted: Collect
         fixed = {k: p for k, p in params.items() if k not in names}
         out = grad(lambda moving: loss({**fixed, **moving}))({k: params[k] for k in names})
         return {k: g.detach() for k, g in out.items()} if first_order else out
-    if engine == "autograd":
-        needs = [params[k] for k in names]
-        out = torch.autograd.grad(loss(params), needs, create_graph=not first_order, allow_unused=True)
-        return {k: torch.zeros_like(p) if g is None else g for k, p, g in zip(names, needs, out)}
+    if engine == "autograd":  # (parameters without a graph, as a first-order algorithm's, become leaves)
+        moving = {k: params[k] if params[k].requires_grad else params[k].detach().requires_grad_(True) for k in names}
+        out = torch.autograd.grad(loss({**params, **moving}), list(moving.values()), create_graph=not first_order,
+                                  allow_unused=True)
+        return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(moving.items(), out)}
     raise ValueError(f"engine must be 'func' or 'autograd', got {engine!r}")
 
 
