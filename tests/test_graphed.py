@@ -22,7 +22,7 @@ def batches(run, n):
 
 
 def snapshot(run):
-    return ([p.detach().clone() for p in run.model.parameters()],
+    return ([p.detach().clone() for p in run.algorithm.meta_parameters().values()],
             [{k: v.clone() for k, v in s.items()} for s in run.optimizer.state.values()])
 
 
@@ -37,17 +37,19 @@ def assert_same(a, b):
 @pytest.mark.unit
 @pytest.mark.parametrize("optimizer", ["torch.optim.Adam", "torch.optim.AdamW"])
 @pytest.mark.parametrize("steps_before", [0, 2])  # a fresh optimizer, and one with state (resumed)
-def test_warm_up_is_undone_in_place(optimizer, steps_before):
-    overrides = (f"algorithm.outer_optimizer._target_={optimizer}", "algorithm.outer_optimizer.weight_decay=0.1")
+@pytest.mark.parametrize("algorithm", ["maml", "metasgd"])  # Meta-SGD: the algorithm's own rates too
+def test_warm_up_is_undone_in_place(optimizer, steps_before, algorithm):
+    overrides = (f"algorithm={algorithm}", f"algorithm.outer_optimizer._target_={optimizer}",
+                 "algorithm.outer_optimizer.weight_decay=0.1")
     warmed, plain = fresh_run(*overrides), fresh_run(*overrides)
     data = batches(warmed, steps_before + 3)
     for tasks in data[:steps_before]:
         sup.meta_step(warmed, tasks)
         sup.meta_step(plain, tasks)
-    addresses = [p.data_ptr() for p in warmed.model.parameters()]
+    addresses = [p.data_ptr() for p in warmed.algorithm.meta_parameters().values()]
     warm_up_and_undo(sup.meta_step, warmed, data[steps_before], times=3)
     # the parameters keep their storage (a captured graph points at it) ...
-    assert [p.data_ptr() for p in warmed.model.parameters()] == addresses
+    assert [p.data_ptr() for p in warmed.algorithm.meta_parameters().values()] == addresses
     # ... and from here on the warmed run makes exactly the updates of one that never warmed up
     for tasks in data[steps_before:]:
         sup.meta_step(warmed, tasks)
@@ -98,3 +100,34 @@ def test_graphed_step_makes_the_eager_updates(task, request, deterministic_cudnn
         torch.testing.assert_close(loss_graphed, loss_eager, rtol=1e-10, atol=1e-12)
     for a, b in zip(graphed.model.parameters(), eager.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "anil", "metasgd", "mamlpp", "imaml"])
+def test_graphed_training_makes_the_eager_runs_updates_for_every_algorithm(algorithm, tmp_path, deterministic_cudnn):
+    """On a GPU, in float64: a short run with trainer.cuda_graph=true ends with the parameters of the
+    same run without it, for every algorithm whose outer step can be captured; MAML++ switches its
+    derivative order and its loss weights in the middle of the run (the step is captured again) and
+    anneals its outer rate (a tensor the scheduler fills in place)."""
+    extra = {"mamlpp": ("algorithm.inner_steps=2", "algorithm.iterations_per_epoch=2", "algorithm.first_order_epochs=1",
+                        "algorithm.multi_step_loss_epochs=2", "algorithm.outer_schedule.T_max=6"),
+             "imaml": ("algorithm.inner_steps=3", "algorithm.test_inner_steps=10")}.get(algorithm, ())
+    states = []
+    for graph in ("true", "false"):
+        cfg = compose_config("debug=smoke", "device=cuda", "dtype=float64", "algorithm.batching=vmap",
+                             f"algorithm={algorithm}", *extra, f"trainer.cuda_graph={graph}")
+        sup.run_supervised(cfg, tmp_path / graph)
+        states.append(torch.load(tmp_path / graph / "checkpoints" / "last.pt", weights_only=False))
+    graphed, eager = states
+    for part in ("model", "algorithm"):
+        for k in eager[part]:
+            torch.testing.assert_close(graphed[part][k], eager[part][k], rtol=1e-9, atol=1e-12, msg=f"{part}.{k}")
+
+
+@pytest.mark.configs
+def test_reptile_refuses_the_cuda_graph_with_one_line():
+    from metarun.config import validate
+    from metarun.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer.cuda_graph=true is not available for algorithm=reptile"):
+        validate(compose_config("debug=smoke", "algorithm=reptile", "trainer.cuda_graph=true"))

@@ -211,11 +211,15 @@ def test_functional_batch_norm_under_vmap_is_the_trap_we_avoid(name):
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_harness_on_cuda(name):
-    """The same references on a GPU (cuDNN convolutions, CUDA reductions), in float64."""
+    """The same references on a GPU (cuDNN convolutions, CUDA reductions), in float64, for every
+    algorithm: vmap against the loop, and MAML against finite differences."""
+    from tests.test_algorithms import settings
+
     make_model, make_tasks, loss_fn, lr = CASES[name]
     model = make_model().cuda()
     tasks = TaskBatch(*(t.cuda() for t in make_tasks()))
     params = dict(model.named_parameters())
-    for name in ("maml", "fomaml"):
-        assert gc.vmap_vs_loop(algorithm(name, model, loss_fn, inner_lr=lr, inner_steps=2), params, tasks) <= 1e-10
+    for alg in ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml"):
+        tolerance = 1e-9 if alg == "imaml" else 1e-10
+        assert gc.vmap_vs_loop(algorithm(alg, model, loss_fn, **settings(alg, name, lr)).cuda(), params, tasks) <= tolerance, alg
     assert gc.loop_vs_finite_differences(algorithm("maml", model, loss_fn, inner_lr=lr), params, tasks) <= 1e-6

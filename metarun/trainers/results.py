@@ -12,10 +12,21 @@ import torch
 from metarun.utils.checkpoint import atomic_file
 
 
-def training_summary(iterations: int, seconds: float | None) -> dict:
-    """The ``training`` entry of results.json: how long the evaluated run trained."""
+def training_summary(iterations: int, seconds: float | None, device: torch.device | None = None) -> dict:
+    """The ``training`` entry of results.json: how long the evaluated run trained, and the process's
+    peak memory so far (``peak_memory_mb``: the CUDA allocator's peak on a GPU, else the peak
+    resident set, which includes the dataset)."""
     per = seconds / iterations * 1e3 if seconds is not None and iterations > 0 else None
-    return {"iterations": iterations, "train_seconds": seconds, "ms_per_iteration": per}
+    return {"iterations": iterations, "train_seconds": seconds, "ms_per_iteration": per,
+            "peak_memory_mb": peak_memory_mb(device)}
+
+
+def peak_memory_mb(device: torch.device | None = None) -> float:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def mean_ci(values: torch.Tensor) -> tuple[float, float]:

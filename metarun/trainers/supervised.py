@@ -237,7 +237,9 @@ def evaluate(run: Run, chunk: int = 100) -> dict:
                "test_seed": tr.test_seed, "inner_lr": alg.inner_lr, "metric": name,
                "lower_is_better": run.task.lower_is_better, "headline": headline,
                "divergence_ratio": tr.divergence_ratio, "results": {}, "curve": {}}
-    results["training"] = training_summary(run.iteration, run.train_seconds)
+    results["training"] = training_summary(run.iteration, run.train_seconds, run.device)
+    # the run's last iteration (its last validation), which can be past the evaluated checkpoint's
+    results["training"]["iterations_reached"] = run.history[-1]["iteration"] if run.history else run.iteration
     results["validation"] = run.history
     for shots in dict.fromkeys([run.task.shots, *run.task.test_shots]):  # the trained K first, once
         # all test tasks drawn at once from the fixed seed, so the set never depends on `chunk`

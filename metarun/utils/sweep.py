@@ -27,10 +27,12 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
             continue
         results = json.loads(path.read_text())
         name, cell = objective_cell(results)
+        training = results.get("training", {})
         row = {"job": job.name, "status": "ok", "objective": name, "value": objective(results),
                "ci95": cell["ci95"], "diverged_tasks": cell.get("diverged_tasks"),
-               "lower_is_better": results.get("lower_is_better"),
-               "train_seconds": results.get("training", {}).get("train_seconds")}
+               "lower_is_better": results.get("lower_is_better"), "iterations": training.get("iterations_reached"),
+               "train_seconds": training.get("train_seconds"), "ms_per_iteration": training.get("ms_per_iteration"),
+               "peak_memory_mb": training.get("peak_memory_mb")}
         for group, cells in results["results"].items():
             for key, c in cells.items():
                 row[f"{group} {key}"], row[f"{group} {key} ci95"] = c["mean"], c["ci95"]
@@ -61,7 +63,7 @@ def summary_table(rows: list[dict]) -> str:
     best = best_row(rows)
     name = next((r["objective"] for r in rows if r["status"] == "ok"), "objective")
     width = max(len(r["job"]) for r in rows)
-    lines = [f"  {'job':<{width}}  {name:>38}  {'train s':>8}"]
+    lines = [f"  {'job':<{width}}  {name:>38}  {'iterations':>10}  {'train s':>8}  {'ms/iter':>8}  {'peak MB':>8}"]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"  {r['job']:<{width}}  {r['status']}")
@@ -69,8 +71,10 @@ def summary_table(rows: list[dict]) -> str:
         value = f"{number(r['value'])} +- {number(r['ci95'])}" if r["ci95"] is not None else "non-finite"
         if r.get("diverged_tasks"):
             value += f" ({r['diverged_tasks']} diverged)"
-        seconds = f"{r['train_seconds']:.1f}" if r["train_seconds"] is not None else ""
-        lines.append(f"{'*' if r is best else ' '} {r['job']:<{width}}  {value:>38}  {seconds:>8}")
+        cells = [f"{r[k]:>{w}.{d}f}" if r.get(k) is not None else " " * w
+                 for k, w, d in (("iterations", 10, 0), ("train_seconds", 8, 1), ("ms_per_iteration", 8, 2),
+                                 ("peak_memory_mb", 8, 0))]
+        lines.append(f"{'*' if r is best else ' '} {r['job']:<{width}}  {value:>38}  " + "  ".join(cells))
     if best is not None:
         lines.append(f"* best ({'lowest' if best['lower_is_better'] else 'highest'} {name})")
     return "\n".join(lines)
