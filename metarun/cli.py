@@ -133,12 +133,25 @@ def run(cfg: DictConfig) -> float:
     else:
         check_added_keys(cfg, HydraConfig.get().overrides.task, Path(CONFIG_DIR))
     validate(cfg)
+    if not target:
+        _say_where_the_values_come_from()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     write_provenance(cfg, run_dir) if not target else None
     trainer = TRAINERS.get(cfg.trainer.name)
     if trainer is None:
         raise ConfigError(f"unknown trainer '{cfg.trainer.name}' (known: {', '.join(sorted(TRAINERS))})")
     return trainer(cfg, run_dir, state=state, eval_only=eval_only)
+
+
+def _say_where_the_values_come_from() -> None:
+    """Log which file gave the algorithm its values for the setting, or that none did."""
+    choice = HydraConfig.get().runtime.choices.get("paper")
+    if choice and (Path(CONFIG_DIR) / "paper" / f"{choice}.yaml").is_file():
+        log.info("algorithm values for this setting: configs/paper/%s.yaml", choice)
+    elif choice:
+        setting, algorithm = choice.split("/")
+        log.warning("configs/paper/%s.yaml does not exist: algorithm=%s runs with configs/algorithm/%s.yaml's own "
+                    "values on the setting %s", choice, algorithm, algorithm, setting)
 
 
 class _UserError(BaseException):
@@ -225,22 +238,10 @@ def _one_line(exc: BaseException) -> str:
     if exc.__cause__ is not None and isinstance(exc.__cause__, OmegaConfBaseException):
         parts.append(str(exc.__cause__))
     text = " ".join(parts)
-    if match := re.search(r"Could not find 'paper/(?P<setting>[^/']+)/(?P<algorithm>[^']+)'", text):
-        return _no_paper_values(match["setting"], match["algorithm"])
     text = text.split("Config search path:")[0]
     text = re.sub(r"\s*object_type=\S+", "", text)
     text = re.sub(r"\s*\n\s*", " ", text).strip()
     return text.replace("Available options in", "available options in").replace(": \t", ": ")
-
-
-def _no_paper_values(setting: str, algorithm: str) -> str:
-    """An algorithm that has no values for a setting (Reptile on a meta-RL task, say)."""
-    folder = Path(CONFIG_DIR) / "paper" / setting
-    have = sorted(p.stem for p in folder.glob("*.yaml"))
-    if not have:
-        return f"setting={setting} is not known (known: {', '.join(sorted(p.stem for p in (Path(CONFIG_DIR) / 'setting').glob('*.yaml')))})"
-    return (f"algorithm={algorithm} has no values for the setting {setting} (configs/paper/{setting}/ has "
-            f"{', '.join(have)}): choose one of those algorithms, or a task / experiment it serves")
 
 
 _NOT_A_KEY = re.compile(r"Could not override '(?P<key>[^']+)'.*Key '[^']+' (is )?not in", re.DOTALL)

@@ -80,7 +80,7 @@ def test_python_dash_m_and_console_script_agree(cli):
     (["device=cuda:3"] if not torch.cuda.is_available() else ["device=tpu"], ["device="]),
     # an algorithm with what it cannot serve
     (["algorithm=anil", "model.hidden_sizes=[]"], ["algorithm=anil needs a model with a body and a head"]),
-    (["task=navigation2d", "algorithm=reptile"], ["algorithm=reptile has no values for the setting navigation2d"]),
+    (["task=navigation2d", "algorithm=reptile"], ["algorithm must be maml_trpo for an RL task, got 'reptile'"]),
     (["algorithm=imaml", "algorithm.lam=-1"], ["algorithm.lam must be > 0"]),
     (["algorithm=imaml", "algorithm.cg_iterations=0"], ["algorithm.cg_iterations must be >= 1"]),
     (["algorithm=mamlpp", "algorithm.per_step_norm=true"], ["algorithm.per_step_norm=true needs a model with normalization layers"]),

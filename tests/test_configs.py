@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -132,13 +133,25 @@ def test_noconv_presets_are_the_conv4_presets_with_the_papers_fc_network(shots):
 
 
 def test_mismatched_families_are_refused():
-    # the settings of one family have no values for the other family's algorithms: composing fails
-    for task, algorithm in (("sinusoid", "maml_trpo"), ("halfcheetah_dir", "maml"), ("navigation2d", "fomaml")):
-        with pytest.raises(MissingConfigException, match=f"paper/{task}/{algorithm}"):
-            compose_config(f"task={task}", f"algorithm={algorithm}")
-    # a setting of the other family, chosen by hand, fails too: its protocol keys are not the trainer's
+    # a setting of one family has no paper values for the other family's algorithms, which then
+    # compose with their own files' values and are refused by the range checks, naming the setting
+    with pytest.raises(ConfigError, match="algorithm must be one of .* for a supervised task, got 'maml_trpo'"):
+        validate(compose_config("task=sinusoid", "algorithm=maml_trpo"))
+    for algorithm in ("maml", "reptile"):
+        with pytest.raises(ConfigError, match=f"algorithm must be maml_trpo for an RL task, got '{algorithm}'"):
+            validate(compose_config("task=halfcheetah_dir", f"algorithm={algorithm}"))
+    # a setting of the other family, chosen by hand, fails at composition: its protocol keys are not the trainer's
     with pytest.raises(ConfigCompositionException, match="report_steps"):
         compose_config("task=halfcheetah_dir", "algorithm=maml", "setting=sinusoid")
+
+
+def test_every_algorithm_has_paper_values_for_every_setting_of_its_family():
+    """An algorithm runs anywhere with its own file's values, but every one shipped has its sources'
+    values for every setting of its family (configs/paper/<setting>/<algorithm>.yaml)."""
+    rl = RL_SETTINGS
+    for setting in options("setting"):
+        for algorithm in (["maml_trpo"] if setting in rl else sorted(ALGORITHMS)):
+            assert (Path(CONFIG_DIR) / "paper" / setting / f"{algorithm}.yaml").is_file(), (setting, algorithm)
 
 
 def test_every_yaml_key_is_commented():
@@ -222,8 +235,18 @@ def test_every_algorithm_on_every_experiment_gets_its_own_sources_values(experim
         compose_config(f"experiment={experiment}", "algorithm=maml").algorithm) or algorithm == "maml"
 
 
-def test_a_combination_without_values_fails_with_a_clear_line(cli):
-    from tests.test_cli import assert_one_line_error
+def test_an_algorithm_without_values_for_a_setting_runs_with_its_own_and_says_so(cli, tmp_path):
+    """What adding an algorithm needs is its module, a registry line and its own YAML file: on a
+    setting without paper values (here a user's own setting, from their config folder) it runs with
+    its file's values, and its log says so."""
+    from tests.test_cli import assert_one_line_error, only_run_dir
 
-    assert_one_line_error(cli("task=navigation2d", "algorithm=maml"),
-                          "algorithm=maml has no values for the setting navigation2d", "maml_trpo")
+    (tmp_path / "mine" / "setting").mkdir(parents=True)
+    (tmp_path / "mine" / "setting" / "custom.yaml").write_text("# @package _global_\n")
+    proc = cli("debug=smoke", "trainer.test_tasks=4", "setting=custom", f"hydra.searchpath=[file://{tmp_path / 'mine'}]")
+    assert proc.returncode == 0, proc.stderr
+    log = (only_run_dir(cli.cwd) / "metarun.log").read_text()
+    assert "configs/paper/custom/maml.yaml does not exist: algorithm=maml runs with configs/algorithm/maml.yaml's" in log
+    assert json.loads((only_run_dir(cli.cwd) / "results.json").read_text())["inner_lr"] == 0.01  # maml.yaml's alpha
+    # and a family mismatch is one line
+    assert_one_line_error(cli("task=navigation2d", "algorithm=maml"), "algorithm must be maml_trpo for an RL task")
