@@ -22,6 +22,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, InstantiationException
 from omegaconf import DictConfig, OmegaConf
@@ -37,7 +38,7 @@ from metarun.config import (
     validate,
 )
 from metarun.trainers import TRAINERS
-from metarun.utils import checkpoint
+from metarun.utils import checkpoint, sweep
 from metarun.utils.errors import ConfigError, MetarunError
 from metarun.utils.runtime import write_provenance
 
@@ -169,7 +170,21 @@ def hydra_main(cfg: DictConfig) -> float:
             raise
         if kept:
             _log_to_files(f"metarun: error: {_one_line(exc)}")  # the run folder's log records why it stopped
+        if kept and HydraConfig.get().mode == RunMode.MULTIRUN and not (cfg.resume or cfg.evaluate):
+            return _job_stopped(exc, Path(HydraConfig.get().runtime.output_dir))
         raise _UserError(exc) from exc
+
+
+def _job_stopped(exc: Exception, run_dir: Path) -> float:
+    """A sweep job that stopped after training began (it diverged, say) is one of the sweep's
+    results, not the end of the sweep: its reason goes to ``<job>/error.txt`` (the summary's
+    status column), the other jobs run, and ``metarun -m`` exits 1 at the end. Returns NaN, which
+    sweepers (Optuna, Nevergrad) record as a failed trial."""
+    line = _one_line(exc)
+    with checkpoint.atomic_file(run_dir / sweep.ERROR_FILE) as f:
+        f.write((line + "\n").encode())
+    print(f"metarun: job {HydraConfig.get().job.num} stopped: {line}; the sweep goes on", file=sys.stderr)
+    return float("nan")
 
 
 # what Hydra and the set-up write into a new run folder before training begins
@@ -303,6 +318,10 @@ def main() -> None:
     args = sys.argv[1:] = _with_the_runs_task(sys.argv[1:])
     try:
         hydra_main()
+        if sweep.STOPPED_JOBS:
+            print(f"metarun: {sweep.STOPPED_JOBS[0]} of {sweep.STOPPED_JOBS[1]} sweep jobs did not finish (their status is "
+                  "in the summary above)", file=sys.stderr)
+            sys.exit(1)
     except (_UserError, Exception) as exc:
         if not _is_user_error(exc):
             traceback.print_exc()

@@ -265,6 +265,19 @@ def test_multirun_gives_each_job_a_folder_named_by_its_overrides(cli):
     assert f"* {best}" in proc.stdout and "* best (lowest 10-shot mse after 10 steps)" in proc.stdout
 
 
+def test_a_sweep_job_that_diverges_is_a_row_of_the_summary_and_the_sweep_goes_on(cli):
+    proc = cli("-m", "debug=smoke", "trainer.test_tasks=4", "algorithm.inner_lr=1e6,0.01", "hydra.sweep.dir=sweep")
+    assert proc.returncode == 1, proc.stderr
+    assert "job 0 stopped: non-finite meta-loss at iteration 1" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("metarun: 1 of 2 sweep jobs did not finish (their status is in "
+                                                    "the summary above)")
+    with (cli.cwd / "sweep" / "summary.csv").open() as f:
+        rows = {r["job"].split(",")[0]: r for r in csv.DictReader(f)}
+    assert rows["algorithm.inner_lr=1000000.0"]["status"].startswith("stopped: non-finite meta-loss at iteration 1")
+    assert rows["algorithm.inner_lr=0.01"]["status"] == "ok" and float(rows["algorithm.inner_lr=0.01"]["value"]) > 0
+    assert (cli.cwd / "sweep" / "algorithm.inner_lr=0.01,debug=smoke,trainer.test_tasks=4" / "results.json").is_file()
+
+
 def test_runs_from_any_directory(tmp_path):
     sub = tmp_path / "deep" / "er"
     sub.mkdir(parents=True)

@@ -17,13 +17,19 @@ from metarun.trainers.results import number, objective, objective_cell
 from metarun.utils.checkpoint import atomic_file
 
 
+ERROR_FILE = "error.txt"  # why a sweep job stopped (written by the job; read into the status column)
+STOPPED_JOBS: list[int] = []  # [jobs that did not finish, jobs] once a sweep has ended with some; main() exits 1
+
+
 def sweep_rows(sweep_dir: Path) -> list[dict]:
     """A row per job folder: its objective (mean, ci95), training time and every test number."""
     rows = []
     for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
         path = job / "results.json"
         if not path.is_file():
-            rows.append({"job": job.name, "status": "no results.json (failed or stopped)"})
+            error = job / ERROR_FILE
+            status = f"stopped: {error.read_text().strip()}" if error.is_file() else "no results.json (failed or stopped)"
+            rows.append({"job": job.name, "status": status})
             continue
         results = json.loads(path.read_text())
         name, cell = objective_cell(results)
@@ -90,3 +96,5 @@ class SweepSummary(Callback):
             path = sweep_dir / "summary.csv"
             write_summary(rows, path)
             print(f"sweep summary ({len(rows)} jobs; also in {path}):\n{summary_table(rows)}")
+            stopped = sum(r["status"] != "ok" for r in rows)
+            STOPPED_JOBS[:] = [stopped, len(rows)] if stopped else []
