@@ -16,7 +16,6 @@ from omegaconf import DictConfig
 from metarun.trainers.results import number, objective, objective_cell
 from metarun.utils.checkpoint import atomic_file
 
-
 ERROR_FILE = "error.txt"  # why a sweep job stopped (written by the job; read into the status column)
 STOPPED_JOBS: list[int] = []  # [jobs that did not finish, jobs] once a sweep has ended with some; main() exits 1
 
