@@ -187,3 +187,18 @@ def test_unreadable_or_foreign_checkpoints_raise_one_error(tmp_path):
         checkpoint.load(foreign)
     with pytest.raises(CheckpointError, match="no checkpoint in run folder"):
         checkpoint.load(tmp_path)
+
+
+def test_tensorboard_logs_the_training_rate_without_a_progress_bar(tmp_path):
+    """train/iterations_per_s is iterations per second of training (validation and checkpoints
+    left out), also with trainer.progress=false (sweeps, CI), where it read 0 before."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sup.run_supervised(small_cfg("trainer.progress=false", "trainer.iterations=8", "trainer.log_interval=4"), tmp_path)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    rates = [e.value for e in events.Scalars("train/iterations_per_s")]
+    train_seconds = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["train_seconds"]
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+    # 8 iterations in train_seconds: the harmonic mean of the two equal-length intervals' rates
+    assert 2 / sum(1 / r for r in rates) == pytest.approx(8 / train_seconds, rel=0.05)

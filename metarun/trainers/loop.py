@@ -154,6 +154,7 @@ def train_loop(run, step: Step, save: Callable[[], Path],
     last_good = run.iteration
     clock = TrainClock(run.device, run.train_seconds, tr.max_minutes)
     start_iteration, start_seconds = run.iteration, run.train_seconds
+    logged = (run.iteration, run.train_seconds)  # the last log's iteration and training seconds
     bar = tqdm(total=tr.iterations, initial=run.iteration, disable=not tr.progress, desc="meta-train",
                dynamic_ncols=True, mininterval=0.5)
     with stop_on_signals() as stop, logging_redirect_tqdm():
@@ -183,7 +184,9 @@ def train_loop(run, step: Step, save: Callable[[], Path],
                     sums.clear()
                     for key, value in means.items():
                         writer.add_scalar(f"train/{key}", value, at)
-                    writer.add_scalar("train/iterations_per_s", bar.format_dict["rate"] or 0.0, at)
+                    seconds = clock.read()  # training time only (validation and checkpoints are paused)
+                    writer.add_scalar("train/iterations_per_s", (at - logged[0]) / max(seconds - logged[1], 1e-9), at)
+                    logged = (at, seconds)
                     bar.set_postfix({short: f"{means[key]:.4g}" for short, key in (postfix or {}).items()})
                     if log_lines:
                         log.info("iteration %d %s", at, " ".join(f"{k}={v:.4g}" for k, v in means.items()))
