@@ -278,6 +278,22 @@ def test_a_sweep_job_that_diverges_is_a_row_of_the_summary_and_the_sweep_goes_on
     assert (cli.cwd / "sweep" / "algorithm.inner_lr=0.01,debug=smoke,trainer.test_tasks=4" / "results.json").is_file()
 
 
+def test_the_summary_times_the_whole_run_when_the_best_checkpoint_came_earlier(tmp_path):
+    """A run stopped by its budget at 6,970 iterations after 299 s, whose best validation (evaluated)
+    was at 5,000 after 214 s: the summary's iterations and seconds are the run's, 6,970 and 299."""
+    from metarun.utils.sweep import sweep_rows
+
+    cell = {"mean": 3.6, "ci95": 0.3, "median": 3.0}
+    results = {"metric": "mse", "lower_is_better": True, "headline": "5-shot",
+               "results": {"5-shot": {"after_0_steps": cell, "after_10_steps": cell}},
+               "training": {"iterations": 5000, "train_seconds": 213.7, "ms_per_iteration": 42.75,
+                            "peak_memory_mb": 440.0, "iterations_reached": 6970, "train_seconds_reached": 299.4}}
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "results.json").write_text(json.dumps(results))
+    [row] = sweep_rows(tmp_path)
+    assert (row["iterations"], row["train_seconds"], row["ms_per_iteration"]) == (6970, 299.4, 42.75)
+
+
 def test_runs_from_any_directory(tmp_path):
     sub = tmp_path / "deep" / "er"
     sub.mkdir(parents=True)

@@ -126,6 +126,8 @@ def test_time_budget_validates_checkpoints_and_stops_then_resume_carries_on(tmp_
     history = results["validation"]
     assert checkpoint.load(tmp_path)["iteration"] == 6
     assert [h["iteration"] for h in history] == [1, 3, 6]
+    assert results["training"]["iterations_reached"] == 6
+    assert results["training"]["train_seconds_reached"] == history[-1]["train_seconds"]
     assert history[0]["train_seconds"] < history[1]["train_seconds"] < history[2]["train_seconds"]
     assert set(history[0]) == {"iteration", "train_seconds", "mse_after_0_steps", "mse_after_1_steps",
                                "mse_after_5_steps", "mse_after_10_steps"}

@@ -238,8 +238,10 @@ def evaluate(run: Run, chunk: int = 100) -> dict:
                "lower_is_better": run.task.lower_is_better, "headline": headline,
                "divergence_ratio": tr.divergence_ratio, "results": {}, "curve": {}}
     results["training"] = training_summary(run.iteration, run.train_seconds, run.device)
-    # the run's last iteration (its last validation), which can be past the evaluated checkpoint's
-    results["training"]["iterations_reached"] = run.history[-1]["iteration"] if run.history else run.iteration
+    # where the run stopped (its last validation), which can be past the evaluated (best) checkpoint
+    last = run.history[-1] if run.history else {"iteration": run.iteration, "train_seconds": run.train_seconds}
+    results["training"]["iterations_reached"] = last["iteration"]
+    results["training"]["train_seconds_reached"] = last["train_seconds"]
     results["validation"] = run.history
     for shots in dict.fromkeys([run.task.shots, *run.task.test_shots]):  # the trained K first, once
         # all test tasks drawn at once from the fixed seed, so the set never depends on `chunk`

@@ -35,9 +35,11 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
         training = results.get("training", {})
         row = {"job": job.name, "status": "ok", "objective": name, "value": objective(results),
                "ci95": cell["ci95"], "diverged_tasks": cell.get("diverged_tasks"),
-               "lower_is_better": results.get("lower_is_better"), "iterations": training.get("iterations_reached"),
-               "train_seconds": training.get("train_seconds"), "ms_per_iteration": training.get("ms_per_iteration"),
-               "peak_memory_mb": training.get("peak_memory_mb")}
+               "lower_is_better": results.get("lower_is_better"),
+               # where the run stopped, which can be past the evaluated (best) checkpoint
+               "iterations": training.get("iterations_reached"),
+               "train_seconds": training.get("train_seconds_reached", training.get("train_seconds")),
+               "ms_per_iteration": training.get("ms_per_iteration"), "peak_memory_mb": training.get("peak_memory_mb")}
         for group, cells in results["results"].items():
             for key, c in cells.items():
                 row[f"{group} {key}"], row[f"{group} {key} ci95"] = c["mean"], c["ci95"]
