@@ -28,7 +28,9 @@ from queue import Empty
 
 import torch
 
-ALL = ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml"]
+from metarun.algorithms import ALGORITHMS
+
+ALL = list(ALGORITHMS)  # every supervised algorithm of the registry
 
 # name -> (Hydra overrides, timed iterations per round by default, algorithms benchmarked by default);
 # each algorithm runs with its own values for the setting (configs/paper/<setting>/<algorithm>.yaml)
@@ -43,18 +45,19 @@ def _cpu_peak_child(overrides: list[str], queue) -> None:
     """In a fresh process: peak resident-set growth over two training steps, in bytes."""
     from metarun.cli import compose
     from metarun.trainers import supervised as sup
+    from metarun.trainers.results import status_kb
 
     cfg = compose(*overrides)
     run = sup.setup(cfg, Path("/nonexistent"))
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        base = _status_kb("VmRSS")
+        base = status_kb("VmRSS")
     except OSError:
         queue.put(float("nan"))
         return
     for _ in range(2):
         sup.meta_step(run, sup.sample_meta_batch(run))
-    queue.put((_status_kb("VmHWM") - base) * 1024.0)
+    queue.put((status_kb("VmHWM") - base) * 1024.0)
 
 
 def cpu_peak_bytes(overrides: list[str]) -> float:
@@ -73,13 +76,6 @@ def cpu_peak_bytes(overrides: list[str]) -> float:
                 break
     child.join()
     return value
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(field)
 
 
 def _graphable(cfg) -> bool:

@@ -133,6 +133,18 @@ def test_time_budget_validates_checkpoints_and_stops_then_resume_carries_on(tmp_
                                "mse_after_5_steps", "mse_after_10_steps"}
 
 
+def test_peak_memory_is_the_runs_own_not_an_earlier_sweep_jobs(tmp_path):
+    """A sweep runs its jobs one after another in one process: a job after a big one reports its
+    own peak resident set, not the process's peak so far."""
+    from metarun.trainers.results import status_kb
+
+    big = torch.ones(2**27)  # 512 MiB, touched, then freed: the process's peak stays above it
+    del big
+    before = status_kb("VmHWM") / 1024
+    results = sup.run_supervised(small_cfg("trainer.iterations=2"), tmp_path)
+    assert 0 < results["training"]["peak_memory_mb"] < before - 256
+
+
 def test_cpu_threads_default_to_every_core_and_follow_the_config():
     before = torch.get_num_threads()
     try:

@@ -13,20 +13,42 @@ from metarun.utils.checkpoint import atomic_file
 
 
 def training_summary(iterations: int, seconds: float | None, device: torch.device | None = None) -> dict:
-    """The ``training`` entry of results.json: how long the evaluated run trained, and the process's
-    peak memory so far (``peak_memory_mb``: the CUDA allocator's peak on a GPU, else the peak
-    resident set, which includes the dataset)."""
+    """The ``training`` entry of results.json: how long the evaluated run trained, and the run's peak
+    memory (``peak_memory_mb``: the CUDA allocator's peak on a GPU, else the peak resident set, which
+    includes the dataset), counted from :func:`reset_peak_memory` at the run's start."""
     per = seconds / iterations * 1e3 if seconds is not None and iterations > 0 else None
     return {"iterations": iterations, "train_seconds": seconds, "ms_per_iteration": per,
             "peak_memory_mb": peak_memory_mb(device)}
 
 
+def reset_peak_memory() -> None:
+    """Start a run's peak-memory count afresh: the jobs of a sweep run one after another in one
+    process, and each reports its own peak, not the largest of the jobs before it."""
+    if torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM back to the current resident set
+    except OSError:
+        pass  # elsewhere the peak counts from the process's start
+
+
 def peak_memory_mb(device: torch.device | None = None) -> float:
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+    try:
+        return status_kb("VmHWM") / 1024
+    except OSError:
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def status_kb(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in KiB; OSError where there is none."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
 
 
 def mean_ci(values: torch.Tensor) -> tuple[float, float]:

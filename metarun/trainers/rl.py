@@ -25,7 +25,13 @@ from torch.utils.tensorboard import SummaryWriter
 from metarun.algorithms.maml_trpo import MAMLTRPO, check_finite
 from metarun.meta import policy_gradient as pg
 from metarun.trainers.loop import train_loop
-from metarun.trainers.results import results_table, summarize, training_summary, write_results
+from metarun.trainers.results import (
+    reset_peak_memory,
+    results_table,
+    summarize,
+    training_summary,
+    write_results,
+)
 from metarun.utils import checkpoint
 from metarun.utils.runtime import seed_everything, set_threads
 
@@ -152,6 +158,7 @@ def adaptation_figure(results: dict):
 
 def run_rl(cfg: DictConfig, run_dir: Path, state: dict | None = None, eval_only: bool = False) -> dict:
     """Train (or continue) and evaluate; returns the results dict (also in results.json)."""
+    reset_peak_memory()  # this run's peak, not an earlier sweep job's
     run = setup(cfg, run_dir)
     try:
         if state is not None:

@@ -26,7 +26,14 @@ from metarun.algorithms import Algorithm, build
 from metarun.meta import resolve_batching
 from metarun.trainers.graphed import GraphedMetaStep
 from metarun.trainers.loop import train_loop
-from metarun.trainers.results import diverged_tasks, results_table, summarize, training_summary, write_results
+from metarun.trainers.results import (
+    diverged_tasks,
+    reset_peak_memory,
+    results_table,
+    summarize,
+    training_summary,
+    write_results,
+)
 from metarun.types import TaskBatch
 from metarun.utils import checkpoint
 from metarun.utils.errors import CheckpointError, ConfigError
@@ -264,6 +271,7 @@ def evaluate(run: Run, chunk: int = 100) -> dict:
 def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, eval_only: bool = False) -> dict:
     """Train (or continue) and evaluate; returns the results dict (also in results.json)."""
     # a resumed run keeps the batching auto chose before, so it stays bitwise exact
+    reset_peak_memory()  # this run's peak, not an earlier sweep job's
     kept = state.get("batching") if state is not None and cfg.algorithm.batching == "auto" else None
     run = setup(cfg, run_dir, batching=kept)
     if state is not None:
