@@ -27,7 +27,8 @@ GRADIENT_BASED = ["maml", "fomaml", "anil", "metasgd", "mamlpp"]  # the outer di
 def settings(name: str, model_case: str, lr: float) -> dict:
     """Small, fast values of each algorithm for the harness (two inner steps where it has any)."""
     values = {"inner_lr": lr, "inner_steps": 2}
-    if name == "mamlpp":
+    if name == "mamlpp":  # every feature on (the sinusoid paper file, which the harness composes, fixes the rates)
+        values["learned_rates"] = "true"
         values["per_step_norm"] = str(model_case in ("mlp_bn_images", "conv4_omniglot", "conv4_maxpool")).lower()
     if name == "imaml":
         values.update(inner_steps=3, cg_iterations=3)

@@ -32,7 +32,7 @@ RESUMED = {
     "maml-vmap": ("algorithm=maml", "algorithm.batching=vmap"),
     "maml-loop": ("algorithm=maml", "algorithm.batching=loop"),
     "metasgd": ("algorithm=metasgd", "algorithm.rate_init=uniform"),
-    "mamlpp": ("algorithm=mamlpp", "algorithm.inner_steps=2", "algorithm.outer_schedule.T_max=12",
+    "mamlpp": ("algorithm=mamlpp", "algorithm.learned_rates=true", "algorithm.inner_steps=2", "algorithm.outer_schedule.T_max=12",
                "algorithm.iterations_per_epoch=2", "algorithm.multi_step_loss_epochs=3", "algorithm.first_order_epochs=2"),
     "reptile": ("algorithm=reptile", "algorithm.inner_steps=3", "algorithm.outer_schedule.total_iters=12"),
     "imaml": ("algorithm=imaml", "algorithm.inner_steps=3", "algorithm.test_inner_steps=10"),
