@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,6 +144,18 @@ def test_peak_memory_is_the_runs_own_not_an_earlier_sweep_jobs(tmp_path):
     before = status_kb("VmHWM") / 1024
     results = sup.run_supervised(small_cfg("trainer.iterations=2"), tmp_path)
     assert 0 < results["training"]["peak_memory_mb"] < before - 256
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (("algorithm=maml",), "vmap"),  # an MLP on a CPU: vmap
+    (("algorithm=reptile",), "loop"),  # Reptile's sinusoid values draw one task per step: nothing to batch
+    (("algorithm=maml", "algorithm.meta_batch_size=1"), "loop"),
+    (("algorithm=reptile", "algorithm.batching=vmap"), "vmap"),  # asked for, kept
+])
+def test_auto_batching_takes_the_loop_for_one_task_per_step(overrides, expected):
+    cfg = compose_config("device=cpu", *overrides)  # the algorithm's own meta-batch (not debug's)
+    run = sup.setup(cfg, Path("/nonexistent"))  # set-up writes nothing to its folder
+    assert run.batching == expected
 
 
 def test_cpu_threads_default_to_every_core_and_follow_the_config():

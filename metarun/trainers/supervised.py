@@ -90,7 +90,7 @@ def setup(cfg: DictConfig, run_dir: Path, batching: str | None = None) -> Run:
     # checkpointed and resumed exactly and does not depend on anything else drawing numbers.
     train_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     run = Run(cfg, run_dir, device, task, model, algorithm, optimizer, scheduler, {"train": train_gen}, "")
-    run.batching = (batching or resolve_batching(cfg.algorithm.batching, device, model)
+    run.batching = (batching or resolve_batching(cfg.algorithm.batching, device, model, cfg.algorithm.meta_batch_size)
                     or measure_batching(run))
     log.info("device=%s batching=%s (%s requested) parameters=%d cpu_threads=%d", device, run.batching,
              cfg.algorithm.batching, sum(p.numel() for p in model.parameters()), threads)
