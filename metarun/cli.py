@@ -207,7 +207,16 @@ def _remove_if_not_started(run_dir: Path) -> bool:
     try:
         run_dir.rmdir()
     except OSError:  # it holds something else (a folder given with hydra.run.dir): leave that
-        pass
+        return True
+    # and outputs/runs/, outputs/ where they are left empty (this run made them), up to the working folder
+    cwd = Path.cwd().resolve()
+    for parent in run_dir.resolve().parents:
+        if parent == cwd or cwd not in parent.parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: other runs
+            break
     return True
 
 

@@ -88,7 +88,7 @@ def test_python_dash_m_and_console_script_agree(cli):
 ])
 def test_bad_input_is_one_line_and_exit_2(cli, args, fragments):
     assert_one_line_error(cli(*args), *fragments)
-    assert runs_in(cli.cwd) == []  # and nothing is left behind
+    assert not (cli.cwd / "outputs").exists()  # and nothing is left behind, not even an empty outputs/runs/
 
 
 def runs_in(root: Path) -> list[Path]:
@@ -104,10 +104,13 @@ def runs_in(root: Path) -> list[Path]:
     ["task=omniglot", "task.data_dir=nowhere", "task.cache_dir=cache", "task.download=false"],  # missing data
 ])
 def test_a_failed_start_leaves_no_run_folder(cli, args):
-    """outputs/runs/ lists real runs only: an error before training begins removes what was made."""
+    """outputs/runs/ lists real runs only: an error before training begins removes what was made,
+    and leaves the runs that were there."""
+    earlier = cli.cwd / "outputs" / "runs" / "earlier"
+    earlier.mkdir(parents=True)
     proc = cli(*args)
     assert_one_line_error(proc)
-    assert runs_in(cli.cwd) == []
+    assert runs_in(cli.cwd) == [earlier]
 
 
 def test_a_run_that_diverges_before_its_first_checkpoint_keeps_its_folder_and_names_no_checkpoint(cli):
