@@ -28,6 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from metarun import distributed
 from metarun.config import (
     check_added_keys,
     flat_keys,
@@ -45,6 +46,13 @@ from metarun.utils.runtime import write_provenance
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 log = logging.getLogger("metarun")
 _ABSENT = object()
+_STARTED = datetime.now()  # names a new run's folder; under torchrun, rank 0's time on every rank
+
+
+def _started(fmt: str) -> str:
+    """``${metarun_now:...}`` in ``hydra.run.dir``: when the run started (``${now:...}`` is each
+    process's own clock, so under torchrun every rank would make its own folder)."""
+    return _STARTED.strftime(fmt)
 
 
 def _existing_run_dir(resume, evaluate, default):
@@ -77,7 +85,7 @@ def _config_groups() -> str:
 def _register() -> None:
     register_configs()
     for name, fn in (("metarun_run_dir", _existing_run_dir), ("metarun_output_subdir", _output_subdir),
-                     ("metarun_groups", _config_groups)):
+                     ("metarun_groups", _config_groups), ("metarun_now", _started)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
@@ -137,11 +145,29 @@ def run(cfg: DictConfig) -> float:
     if not target:
         _say_where_the_values_come_from()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    write_provenance(cfg, run_dir) if not target else None
+    placement = _placement(cfg)
+    if not target and distributed.is_main():
+        write_provenance(cfg, run_dir, placement)
     trainer = TRAINERS.get(cfg.trainer.name)
     if trainer is None:
         raise ConfigError(f"unknown trainer '{cfg.trainer.name}' (known: {', '.join(sorted(TRAINERS))})")
     return trainer(cfg, run_dir, state=state, eval_only=eval_only)
+
+
+def _placement(cfg: DictConfig) -> dict:
+    """What run_info.json and the log record of the processes: under torchrun the world size, the
+    backend and each rank's device (and the checks that all ranks make alike, before anything is
+    written: the meta-batch splits evenly, each GPU rank has a GPU)."""
+    if distributed.world_size() == 1:
+        return {"world_size": 1}
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError("torchrun starts one run on several processes; run a sweep (-m) without torchrun, or with "
+                          "a launcher (hydra/launcher=submitit_slurm) whose jobs are the torchrun runs")
+    distributed.check_meta_batch(cfg.algorithm.meta_batch_size)
+    devices = distributed.all_gather_object(distributed.device_for(cfg.device), "set-up")
+    info = {"world_size": distributed.world_size(), "backend": distributed.backend(), "devices": devices}
+    log.info("torchrun: %d processes, backend %s, devices %s", info["world_size"], info["backend"], " ".join(devices))
+    return info
 
 
 def _say_where_the_values_come_from() -> None:
@@ -162,10 +188,16 @@ class _UserError(BaseException):
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float:
+    if not distributed.is_main():
+        _quiet_rank()
+    # under torchrun: every rank has made the run folder (Hydra does, first) before rank 0 may
+    # remove it again after bad input, so no rank leaves an empty one behind
+    distributed.all_gather_object(None, "set-up")
     try:
         return run(cfg)
     except BaseException as exc:
-        kept = cfg.resume or cfg.evaluate or not _remove_if_not_started(Path(HydraConfig.get().runtime.output_dir))
+        kept = (cfg.resume or cfg.evaluate or not distributed.is_main()
+                or not _remove_if_not_started(Path(HydraConfig.get().runtime.output_dir)))
         if not isinstance(exc, Exception) or not _is_user_error(exc):
             raise
         if kept:
@@ -173,6 +205,17 @@ def hydra_main(cfg: DictConfig) -> float:
         if kept and HydraConfig.get().mode == RunMode.MULTIRUN and not (cfg.resume or cfg.evaluate):
             return _job_stopped(exc, Path(HydraConfig.get().runtime.output_dir))
         raise _UserError(exc) from exc
+
+
+def _quiet_rank() -> None:
+    """Under torchrun only rank 0 writes the run's log: the other ranks log no file and print
+    warnings and errors only."""
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING)
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def _job_stopped(exc: Exception, run_dir: Path) -> float:
@@ -326,6 +369,7 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's printer
     args = sys.argv[1:] = _with_the_runs_task(sys.argv[1:])
     try:
+        _join_torchrun()
         hydra_main()
         if sweep.STOPPED_JOBS:
             print(f"metarun: {sweep.STOPPED_JOBS[0]} of {sweep.STOPPED_JOBS[1]} sweep jobs did not finish (their status is "
@@ -342,11 +386,32 @@ def main() -> None:
             exc = exc.args[0]
         if full_trace:
             raise exc
-        print(f"metarun: error: {_unknown_key_line(exc, args) or _one_line(exc)}", file=sys.stderr)
+        if distributed.is_main() or isinstance(exc, distributed.DistributedError):  # (the others' line is rank 0's)
+            where = "" if distributed.world_size() == 1 else f" (rank {distributed.rank()})"
+            print(f"metarun: error{where}: {_unknown_key_line(exc, args) or _one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as exc:
-        print(f"metarun: interrupted ({exc or 'SIGINT'}); the last checkpoint is in the run folder", file=sys.stderr)
+        if distributed.is_main():
+            print(f"metarun: interrupted ({exc or 'SIGINT'}); the last checkpoint is in the run folder", file=sys.stderr)
         sys.exit(130)
+    finally:
+        distributed.close()
+
+
+def _join_torchrun() -> None:
+    """Under torchrun: join the process group, take rank 0's start time (which names the run
+    folder), and keep Hydra's own record (.hydra/) to rank 0."""
+    global _STARTED
+    _STARTED = datetime.now()
+    if not distributed.launched():
+        return
+    distributed.init()
+    if any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
+        raise ConfigError("torchrun starts one run on several processes; run a sweep (-m) without torchrun, or with "
+                          "a launcher (hydra/launcher=submitit_slurm) whose jobs are the torchrun runs")
+    _STARTED = distributed.broadcast_object(_STARTED)
+    if not distributed.is_main():
+        sys.argv.append("hydra.output_subdir=null")
 
 
 if __name__ == "__main__":

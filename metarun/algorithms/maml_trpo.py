@@ -38,12 +38,33 @@ class MAMLTRPO(nn.Module):
         self.__dict__["policy"] = policy
         self.cfg = cfg
 
-    def meta_iteration(self, envs, generators: dict[str, torch.Generator], seed: int) -> dict[str, Tensor]:
+    def meta_iteration(self, envs, generators: dict[str, torch.Generator], seed: int, num_tasks: int | None = None,
+                       reduce=None) -> dict[str, Tensor]:
         """One MAML-TRPO iteration (steps 1-4 above) on ``envs``; updates the policy in place and
-        returns the iteration's statistics. ``seed`` fixes the environments' resets."""
+        returns the iteration's statistics. ``seed`` fixes the environments' resets. Under torchrun
+        each process samples ``num_tasks`` of the meta-batch, and ``reduce`` averages over the
+        processes (:func:`metarun.distributed.average`) what the TRPO step and the statistics need."""
+        batch, returns = self.collect(envs, generators, seed, num_tasks or self.cfg.meta_batch_size)
+        params = {k: p.detach() for k, p in self.policy.named_parameters()}
+        new_params, stats = self.outer_step(params, batch, reduce)
+        if not all(torch.isfinite(p).all() for p in new_params.values()):
+            raise MetarunError("non-finite policy parameters after the TRPO step")
+        with torch.no_grad():
+            for k, p in self.policy.named_parameters():
+                p.copy_(new_params[k])
+        returns = (reduce or (lambda tensors: tensors))(returns)
+        numbers = {"return_pre_update": returns[0], "return_post_update": returns[1],
+                   "surrogate_before": stats.loss_before, "surrogate_after": stats.loss_after, "kl": stats.kl,
+                   "step_fraction": stats.step_fraction}
+        return {k: torch.as_tensor(v, dtype=torch.float64) for k, v in numbers.items()}
+
+    def collect(self, envs, generators: dict[str, torch.Generator], seed: int,
+                num_tasks: int) -> tuple[pg.MetaBatch, list[Tensor]]:
+        """Steps 1-3: ``num_tasks`` tasks, their episodes before and after the inner step; and the
+        mean return of each."""
         alg, policy = self.cfg, self.policy
         params = {k: p.detach() for k, p in policy.named_parameters()}
-        tasks = envs.sample_tasks(alg.meta_batch_size, generators["tasks"])
+        tasks = envs.sample_tasks(num_tasks, generators["tasks"])
         pre = envs.rollout(pg.make_act(policy, params, generators["actions"], False), tasks, alg.trajectories, seed)
         check_finite(pre, "pre-update")
         pre_adv = pg.advantages(pre, alg.discount, alg.gae_lambda)
@@ -53,21 +74,18 @@ class MAMLTRPO(nn.Module):
         check_finite(post, "post-update")
         post_adv = pg.advantages(post, alg.discount, alg.gae_lambda)
         batch = pg.MetaBatch(pre, pre_adv, post, post_adv, *pg.old_policy_stats(policy, fast, post))
+        return batch, [pg.episode_returns(pre).mean(), pg.episode_returns(post).mean()]
+
+    def outer_step(self, params: Params, batch: pg.MetaBatch, reduce=None):
+        """Step 4: the TRPO step from ``params`` on ``batch``; returns the new parameters and its
+        statistics (``reduce``: see :meth:`meta_iteration`)."""
+        alg, policy = self.cfg, self.policy
 
         def objective(p):
             return pg.meta_objective(policy, p, batch, alg.inner_lr, alg.inner_steps, alg.first_order)
 
-        new_params, stats = trpo_step(params, objective, alg.max_kl, alg.cg_iterations, alg.cg_damping,
-                                      alg.backtrack_ratio, alg.line_search_steps)
-        if not all(torch.isfinite(p).all() for p in new_params.values()):
-            raise MetarunError("non-finite policy parameters after the TRPO step")
-        with torch.no_grad():
-            for k, p in policy.named_parameters():
-                p.copy_(new_params[k])
-        numbers = {"return_pre_update": pg.episode_returns(pre).mean(), "return_post_update": pg.episode_returns(post).mean(),
-                   "surrogate_before": stats.loss_before, "surrogate_after": stats.loss_after, "kl": stats.kl,
-                   "step_fraction": stats.step_fraction}
-        return {k: torch.as_tensor(v, dtype=torch.float64) for k, v in numbers.items()}
+        return trpo_step(params, objective, alg.max_kl, alg.cg_iterations, alg.cg_damping, alg.backtrack_ratio,
+                         alg.line_search_steps, reduce)
 
     def adapt_step(self, params: Params, rollouts: Rollouts, lr: float) -> Params:
         """One evaluation step for every task at once: REINFORCE of rate ``lr`` on each task's own

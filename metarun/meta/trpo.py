@@ -57,7 +57,8 @@ class TRPOStats(NamedTuple):
 
 def trpo_step(params: Params, objective: Callable[[Params], tuple[Tensor, Tensor]], max_kl: float = 0.01,
               cg_iterations: int = 10, cg_damping: float = 1e-5, backtrack_ratio: float = 0.8,
-              line_search_steps: int = 15) -> tuple[Params, TRPOStats]:
+              line_search_steps: int = 15,
+              reduce: Callable[[list[Tensor]], list[Tensor]] | None = None) -> tuple[Params, TRPOStats]:
     """One TRPO update of ``params``.
 
     Args:
@@ -66,18 +67,23 @@ def trpo_step(params: Params, objective: Callable[[Params], tuple[Tensor, Tensor
         max_kl: trust-region size delta.
         cg_iterations, cg_damping: conjugate gradient on ``(F + damping I) x = g``.
         backtrack_ratio, line_search_steps: the step is shrunk by this ratio until accepted.
+        reduce: when the objective is one process's share of a mean over tasks (torchrun), the mean
+            over the processes of a list of tensors (:func:`metarun.distributed.average`): applied to
+            the gradient, every Fisher-vector product and every loss and KL the line search
+            compares, so each process takes the single-process step. None: one process.
 
     Returns:
         the new parameters (``params`` unchanged when no step is accepted) and statistics.
     """
+    reduce = reduce or (lambda tensors: tensors)
     params = {k: p.detach() for k, p in params.items()}
     g, (loss_before, _) = grad_and_value(objective, has_aux=True)(params)  # one pass for both
-    g, loss_before = flatten(g), loss_before.detach()
+    g, loss_before = reduce([flatten(g), loss_before.detach()])
 
     kl_hessian = hvp_operator(lambda p: objective(p)[1], params)  # the Fisher at params
 
     def fisher_vector(v: Tensor) -> Tensor:
-        return flatten(kl_hessian(unflatten(v, params))) + cg_damping * v
+        return reduce([flatten(kl_hessian(unflatten(v, params)))])[0] + cg_damping * v
 
     direction = conjugate_gradient(fisher_vector, g, cg_iterations)
     shs = 0.5 * direction @ fisher_vector(direction)
@@ -87,7 +93,7 @@ def trpo_step(params: Params, objective: Callable[[Params], tuple[Tensor, Tensor
         for i in range(line_search_steps):
             fraction = backtrack_ratio**i
             candidate = unflatten(flat - fraction * full_step, params)
-            loss, kl = objective(candidate)
+            loss, kl = reduce(list(objective(candidate)))
             if torch.isfinite(loss) and loss < loss_before and kl <= max_kl:
                 return candidate, TRPOStats(float(loss_before), float(loss), float(kl), fraction, i)
     return params, TRPOStats(float(loss_before), float(loss_before), 0.0, 0.0, line_search_steps)

@@ -22,6 +22,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from metarun import distributed
+from metarun.distributed import DistributedError
 from metarun.utils import checkpoint
 from metarun.utils.errors import DivergedError, MetarunError
 
@@ -32,7 +34,13 @@ class StopRequest:
     """Ctrl-C / SIGTERM: finish the current iteration, checkpoint, stop. A second Ctrl-C aborts."""
 
     def __init__(self) -> None:
-        self.requested: str | None = None
+        self.requested: str | None = None  # the signal this process received
+        self.agreed: str | None = None  # under torchrun: the stop all ranks agreed on (agreed_stop)
+
+    def now(self) -> str | None:
+        """The stop to act on: this process's signal, or under torchrun the agreed one only (a rank
+        that left the loop alone would wait for the others in a collective for ever)."""
+        return self.requested if distributed.world_size() == 1 else self.agreed
 
     def __call__(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
@@ -99,9 +107,12 @@ def last_good_checkpoint(run_dir: Path, iteration: int, interval: int) -> str:
             f"trainer.checkpoint_interval); the log and TensorBoard events are in {run_dir}")
 
 
-def open_writer(run_dir: Path, cfg: DictConfig, iteration: int) -> SummaryWriter:
+def open_writer(run_dir: Path, cfg: DictConfig, iteration: int) -> SummaryWriter | None:
     """The run's TensorBoard writer (events past ``iteration`` from an earlier try are dropped);
-    a fresh run also gets its hyperparameter table, once."""
+    a fresh run also gets its hyperparameter table, once. Under torchrun only rank 0 writes (None
+    elsewhere)."""
+    if not distributed.is_main():
+        return None
     writer = SummaryWriter(run_dir / "tb", purge_step=iteration or None)
     if iteration == 0:
         writer.add_text("hparams", hparams_markdown(cfg), 0)
@@ -128,6 +139,17 @@ def hparams_markdown(cfg: DictConfig) -> str:
 Step = Callable[[], tuple[Tensor, dict[str, Tensor]]]
 
 
+def agreed_stop(stop: StopRequest, out_of_time: bool) -> bool:
+    """Under torchrun, a stop that any rank asks for (a signal, its clock) is every rank's stop, in
+    the same iteration, so no rank waits in a collective for one that left. Returns out_of_time."""
+    if distributed.world_size() == 1:
+        return out_of_time
+    signalled, out_of_time = distributed.any_rank(stop.requested is not None, out_of_time)
+    if signalled:
+        stop.agreed = stop.requested or "SIGTERM (on another rank)"
+    return out_of_time
+
+
 def train_loop(run, step: Step, save: Callable[[], Path],
                validate: Callable[[SummaryWriter], dict[str, float]] | None = None,
                postfix: dict[str, str] | None = None, log_lines: bool = False) -> None:
@@ -137,12 +159,13 @@ def train_loop(run, step: Step, save: Callable[[], Path],
     Args:
         run: a trainer's run: ``cfg``, ``run_dir``, ``device``, ``iteration``, ``train_seconds``.
         step: one iteration; returns its loss (a 0-dim tensor, left on the device: it is checked for
-            being finite only at log and checkpoint iterations, so no iteration waits for the GPU)
+            being finite only at log and checkpoint iterations, so no iteration waits for the GPU;
+            under torchrun, the mean over the ranks, so they all see the same)
             and its statistics, averaged and written to TensorBoard as ``train/<name>`` every
             ``trainer.log_interval`` iterations. A :class:`MetarunError` it raises stops the run.
-        save: writes ``checkpoints/last.pt``; called every ``trainer.checkpoint_interval``
+        save: writes ``checkpoints/last.pt`` (called on every rank; rank 0 writes); called every ``trainer.checkpoint_interval``
             iterations, at the end, when the budget ends and on Ctrl-C / SIGTERM.
-        validate: writes ``val/`` scalars and returns them; every ``trainer.val_interval`` iterations
+        validate: writes ``val/`` scalars (given a writer: rank 0) and returns them; every ``trainer.val_interval`` iterations
             and at the end (None: no validation).
         postfix: statistics shown on the progress bar, by the short name to show them under.
         log_lines: also log every logged iteration's statistics as a line.
@@ -155,12 +178,15 @@ def train_loop(run, step: Step, save: Callable[[], Path],
     clock = TrainClock(run.device, run.train_seconds, tr.max_minutes)
     start_iteration, start_seconds = run.iteration, run.train_seconds
     logged = (run.iteration, run.train_seconds)  # the last log's iteration and training seconds
-    bar = tqdm(total=tr.iterations, initial=run.iteration, disable=not tr.progress, desc="meta-train",
+    bar = tqdm(total=tr.iterations, initial=run.iteration, disable=not tr.progress or not distributed.is_main(),
+               desc="meta-train",
                dynamic_ncols=True, mininterval=0.5)
     with stop_on_signals() as stop, logging_redirect_tqdm():
-        while run.iteration < tr.iterations and not stop.requested:
+        while run.iteration < tr.iterations and not stop.now():
             try:
                 loss, stats = step()
+            except DistributedError:
+                raise
             except MetarunError as exc:
                 raise DivergedError(f"{exc} at iteration {run.iteration + 1}; stopped. "
                                     f"{last_good_checkpoint(run.run_dir, last_good, tr.checkpoint_interval)}") from exc
@@ -169,7 +195,7 @@ def train_loop(run, step: Step, save: Callable[[], Path],
                 sums[key] = sums.get(key, 0.0) + value.double()
             run.iteration += 1
             bar.update()
-            at, out_of_time = run.iteration, clock.out_of_time()
+            at, out_of_time = run.iteration, agreed_stop(stop, clock.out_of_time())
             last = at == tr.iterations or out_of_time
             do_log = at % tr.log_interval == 0
             do_validate = validate is not None and (at % tr.val_interval == 0 or last)
@@ -182,10 +208,11 @@ def train_loop(run, step: Step, save: Callable[[], Path],
                 if do_log:
                     means = {key: float(total) / tr.log_interval for key, total in sums.items()}
                     sums.clear()
-                    for key, value in means.items():
-                        writer.add_scalar(f"train/{key}", value, at)
                     seconds = clock.read()  # training time only (validation and checkpoints are paused)
-                    writer.add_scalar("train/iterations_per_s", (at - logged[0]) / max(seconds - logged[1], 1e-9), at)
+                    if writer is not None:
+                        for key, value in means.items():
+                            writer.add_scalar(f"train/{key}", value, at)
+                        writer.add_scalar("train/iterations_per_s", (at - logged[0]) / max(seconds - logged[1], 1e-9), at)
                     logged = (at, seconds)
                     bar.set_postfix({short: f"{means[key]:.4g}" for short, key in (postfix or {}).items()})
                     if log_lines:
@@ -205,10 +232,12 @@ def train_loop(run, step: Step, save: Callable[[], Path],
                 clock.log_stop(at, run.run_dir)
                 break
     bar.close()
-    writer.close()
-    if stop.requested:  # (otherwise the last iteration saved, with the clock read)
+    if writer is not None:
+        writer.close()
+    if stop.now():  # (otherwise the last iteration saved, with the clock read)
         run.train_seconds = clock.read()
         if first_bad.item() < 0:
             path = save()
-            log.info("%s received: saved %s at iteration %d", stop.requested, path, run.iteration)
-        raise KeyboardInterrupt(stop.requested)
+            if path is not None:
+                log.info("%s received: saved %s at iteration %d", stop.now(), path, run.iteration)
+        raise KeyboardInterrupt(stop.now())

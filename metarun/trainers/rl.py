@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
+from metarun import distributed
 from metarun.algorithms.maml_trpo import MAMLTRPO, check_finite
 from metarun.meta import policy_gradient as pg
 from metarun.trainers.loop import train_loop
@@ -48,6 +49,7 @@ class RLRun:
     generators: dict[str, torch.Generator]
     iteration: int = 0
     train_seconds: float = 0.0  # wall-clock time of the meta-iterations, across resumes
+    tasks_per_rank: int = 0  # this process's share of the meta-batch (all of it without torchrun)
     device: torch.device = torch.device("cpu")  # small policies and CPU simulators
 
 
@@ -62,18 +64,29 @@ def setup(cfg: DictConfig, run_dir: Path) -> RLRun:
     seed_everything(cfg.seed)
     envs = instantiate(cfg.task)
     policy = instantiate(cfg.model, obs_dim=envs.obs_dim, act_dim=envs.act_dim)
-    generators = {"tasks": torch.Generator().manual_seed(cfg.seed),
-                  "actions": torch.Generator().manual_seed(cfg.seed + 1)}
-    return RLRun(cfg, run_dir, envs, policy, MAMLTRPO(cfg.algorithm, policy), generators)
+    # under torchrun each rank samples its share of the tasks from streams of its own (rank 0's are
+    # a single process's)
+    generators = {"tasks": torch.Generator().manual_seed(distributed.rank_seed(cfg.seed)),
+                  "actions": torch.Generator().manual_seed(distributed.rank_seed(cfg.seed + 1))}
+    run = RLRun(cfg, run_dir, envs, policy, MAMLTRPO(cfg.algorithm, policy), generators)
+    run.tasks_per_rank = distributed.check_meta_batch(cfg.algorithm.meta_batch_size)
+    return run
 
 
 # --- 2. checkpoints -------------------------------------------------------------------------------
 
 
-def save(run: RLRun) -> Path:
+def save(run: RLRun) -> Path | None:
+    """checkpoints/last.pt, by rank 0 (under torchrun with every rank's task and action streams)."""
+    rng = checkpoint.rng_state(run.generators)
+    ranks = distributed.all_gather_object(rng, "a checkpoint") if distributed.world_size() > 1 else None
+    if not distributed.is_main():
+        return None
     state = {"model": run.policy.state_dict(), "algorithm": run.algorithm.state_dict(), "optimizer": {},
-             "iteration": run.iteration, "rng": checkpoint.rng_state(run.generators),
+             "iteration": run.iteration, "rng": rng,
              "config": OmegaConf.to_container(run.cfg, resolve=True), "train_seconds": run.train_seconds}
+    if ranks is not None:
+        state["rng_ranks"] = ranks
     return checkpoint.save_atomic(state, run.run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST)
 
 
@@ -82,7 +95,12 @@ def restore(run: RLRun, state: dict) -> None:
     run.algorithm.load_state_dict(state.get("algorithm", {}))
     run.iteration = state["iteration"]
     run.train_seconds = state.get("train_seconds", 0.0)
-    checkpoint.set_rng_state(state["rng"], run.generators)
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    if distributed.rank() < len(ranks):
+        checkpoint.set_rng_state(ranks[distributed.rank()], run.generators)
+    else:  # a rank the saved run did not have: streams of its own, apart from their start
+        for offset, g in enumerate(run.generators.values()):
+            g.manual_seed(distributed.rank_seed(run.cfg.seed + offset) + run.iteration)
 
 
 # --- 3. training ----------------------------------------------------------------------------------
@@ -90,8 +108,11 @@ def restore(run: RLRun, state: dict) -> None:
 
 def meta_iteration(run: RLRun) -> dict[str, torch.Tensor]:
     """One meta-iteration of the algorithm; the environments' resets are a fixed function of the
-    iteration, so a resumed run samples the same episodes."""
-    return run.algorithm.meta_iteration(run.envs, run.generators, run.cfg.seed * 1_000_003 + 2 * run.iteration)
+    iteration (and the rank), so a resumed run samples the same episodes. Under torchrun each rank
+    samples its share of the tasks, and the TRPO step averages over the ranks."""
+    seed = run.cfg.seed * 1_000_003 + 2 * run.iteration + (distributed.rank() << 48)
+    reduce = distributed.average if distributed.world_size() > 1 else None
+    return run.algorithm.meta_iteration(run.envs, run.generators, seed, run.tasks_per_rank, reduce)
 
 
 def train(run: RLRun) -> None:
@@ -166,9 +187,13 @@ def run_rl(cfg: DictConfig, run_dir: Path, state: dict | None = None, eval_only:
             log.info("%s the checkpoint of iteration %d", "evaluating" if eval_only else "resuming from", run.iteration)
         if not eval_only:
             train(run)
-        results = evaluate(run)
+        # the test runs on rank 0 alone (its episodes share one action stream, so a split would
+        # change them); the other ranks wait for its numbers
+        results = distributed.broadcast_object(evaluate(run) if distributed.is_main() else None, "the test")
     finally:
         run.envs.close()
+    if not distributed.is_main():
+        return results
     write_results(run_dir, results)
     with SummaryWriter(run_dir / "tb") as writer:
         writer.add_figure("test/return_vs_gradient_steps", adaptation_figure(results), run.iteration)

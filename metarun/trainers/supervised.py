@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
+from metarun import distributed
 from metarun.algorithms import Algorithm, build
 from metarun.meta import resolve_batching
 from metarun.trainers.graphed import GraphedMetaStep
@@ -34,7 +35,7 @@ from metarun.trainers.results import (
     training_summary,
     write_results,
 )
-from metarun.types import TaskBatch
+from metarun.types import Curve, TaskBatch
 from metarun.utils import checkpoint
 from metarun.utils.errors import CheckpointError, ConfigError
 from metarun.utils.runtime import resolve_device, seed_everything, set_threads
@@ -56,6 +57,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     generators: dict[str, torch.Generator]
     batching: str
+    tasks_per_rank: int = 0  # this process's share of the meta-batch (all of it without torchrun)
     iteration: int = 0
     best: float | None = None  # best validation score so far (selects checkpoints/best.pt)
     train_seconds: float = 0.0  # time spent in training steps, across resumes
@@ -68,7 +70,7 @@ class Run:
 def setup(cfg: DictConfig, run_dir: Path, batching: str | None = None) -> Run:
     """Build the task family, model and optimizer, seeded from ``cfg.seed``; ``batching`` fixes
     what ``algorithm.batching=auto`` resolved to before (a resumed run keeps its choice)."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(distributed.device_for(cfg.device))
     dtype = getattr(torch, cfg.dtype)
     threads = set_threads(cfg.trainer.num_threads)
     seed_everything(cfg.seed)
@@ -88,19 +90,27 @@ def setup(cfg: DictConfig, run_dir: Path, batching: str | None = None) -> Run:
     scheduler = instantiate(cfg.algorithm.outer_schedule)(optimizer) if cfg.algorithm.outer_schedule else None
     # Training tasks come from their own generator, on the device, so the stream is
     # checkpointed and resumed exactly and does not depend on anything else drawing numbers.
-    train_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    run = Run(cfg, run_dir, device, task, model, algorithm, optimizer, scheduler, {"train": train_gen}, "")
-    run.batching = (batching or resolve_batching(cfg.algorithm.batching, device, model, cfg.algorithm.meta_batch_size)
-                    or measure_batching(run))
+    # Under torchrun each rank draws its share of the meta-batch from its own stream, seeded from
+    # (seed, rank); rank 0's is the one a single process draws.
+    train_gen = torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed))
+    run = Run(cfg, run_dir, device, task, model, algorithm, optimizer, scheduler, {"train": train_gen}, "",
+              distributed.check_meta_batch(cfg.algorithm.meta_batch_size))
+    # every rank runs the batching rank 0 chose (auto measures, and measurements differ)
+    run.batching = distributed.broadcast_object(
+        batching or resolve_batching(cfg.algorithm.batching, device, model, run.tasks_per_rank)
+        or measure_batching(run), "choosing the batching")
     log.info("device=%s batching=%s (%s requested) parameters=%d cpu_threads=%d", device, run.batching,
              cfg.algorithm.batching, sum(p.numel() for p in model.parameters()), threads)
+    if distributed.world_size() > 1:
+        log.info("distributed: %d processes (%s), meta-batch %d = %d per rank", distributed.world_size(),
+                 distributed.backend(), cfg.algorithm.meta_batch_size, run.tasks_per_rank)
     return run
 
 
 def sample_meta_batch(run: Run, generator: torch.Generator | None = None) -> TaskBatch:
-    """A training meta-batch of ``algorithm.meta_batch_size`` tasks, drawn from the training
-    stream (or from ``generator``)."""
-    return run.task.sample(run.cfg.algorithm.meta_batch_size, run.task.shots, run.task.queries,
+    """This process's tasks of a training meta-batch (all ``algorithm.meta_batch_size`` of them
+    without torchrun), drawn from its training stream (or from ``generator``)."""
+    return run.task.sample(run.tasks_per_rank, run.task.shots, run.task.queries,
                            generator or run.generators["train"]).tasks
 
 
@@ -132,20 +142,28 @@ def measure_batching(run: Run, seed: int = 12345) -> str:
 # --- 2. checkpoints and resume --------------------------------------------------------------------
 
 
-def save(run: Run, name: str = checkpoint.LAST) -> Path:
+def save(run: Run, name: str = checkpoint.LAST) -> Path | None:
+    """Write checkpoints/<name> (rank 0; under torchrun every rank calls it, and its task stream's
+    state goes into the checkpoint beside the others'). Returns the path (None on other ranks)."""
+    rng = checkpoint.rng_state(run.generators)
+    ranks = distributed.all_gather_object(rng, "a checkpoint") if distributed.world_size() > 1 else None
+    if not distributed.is_main():
+        return None
     state = {
         "model": run.model.state_dict(),
         "algorithm": run.algorithm.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict() if run.scheduler else None,
         "iteration": run.iteration,
-        "rng": checkpoint.rng_state(run.generators),
+        "rng": rng,
         "config": OmegaConf.to_container(run.cfg, resolve=True),
         "batching": run.batching,
         "best": run.best,
         "train_seconds": run.train_seconds,
         "history": run.history,
     }
+    if ranks is not None:  # every rank's task stream, to continue each on the same number of ranks
+        state["rng_ranks"] = ranks
     return checkpoint.save_atomic(state, run.run_dir / checkpoint.CHECKPOINT_DIR / name)
 
 
@@ -160,7 +178,15 @@ def restore(run: Run, state: dict) -> None:
     run.best = state.get("best")
     run.train_seconds = state.get("train_seconds", 0.0)
     run.history = list(state.get("history", []))
-    checkpoint.set_rng_state(state["rng"], run.generators)
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    if distributed.rank() < len(ranks):
+        checkpoint.set_rng_state(ranks[distributed.rank()], run.generators)
+    else:  # a rank the saved run did not have: a fresh stream of its own, apart from its first one
+        run.generators["train"].manual_seed(distributed.rank_seed(run.cfg.seed) + run.iteration)
+    if len(ranks) != distributed.world_size():
+        log.info("the checkpoint was written by %d process(es), this run has %d: ranks continue their own task "
+                 "streams where they exist, so the continuation differs from an uninterrupted run", len(ranks),
+                 distributed.world_size())
 
 
 # --- 3. training ----------------------------------------------------------------------------------
@@ -171,23 +197,42 @@ def meta_step(run: Run, tasks) -> torch.Tensor:
     then the optimizer's step; returns the mean query loss (detached)."""
     run.optimizer.zero_grad(set_to_none=True)
     grads, loss = run.algorithm.outer_gradient(dict(run.model.named_parameters()), tasks, run.batching)
+    # under torchrun: the mean over the ranks (one all-reduce), so every rank takes the same step
+    grads, (loss,) = distributed.average_dict(grads, loss)
     for name, p in run.algorithm.meta_parameters().items():
         p.grad = grads[name]
     run.optimizer.step()
     return loss
 
 
-def validate(run: Run, writer: SummaryWriter, val_tasks) -> dict[str, float]:
-    """Metric on the fixed validation tasks after 0..test_inner_steps inner steps."""
+def fixed_curve(run: Run, tasks: TaskBatch, chunk: int = 100) -> Curve:
+    """The adaptation curve (:meth:`Algorithm.curve`) of a fixed task set, ``chunk`` tasks at a time.
+    Under torchrun the chunks are shared out over the ranks and gathered, and are the same chunks
+    for every world size, so the numbers are too."""
+    params = dict(run.model.named_parameters())
+    count = len(tasks[0])
+    parts = {}
+    for start in distributed.shard(count, chunk):
+        part = run.algorithm.curve(params, type(tasks)(*(t[start:start + chunk] for t in tasks)), run.task.metric_fn,
+                                   run.cfg.algorithm.test_inner_steps)
+        parts[start] = part if distributed.world_size() == 1 else Curve(part.metric.cpu(), part.loss.cpu())
+    parts = distributed.gather_chunks(parts, "evaluation") if distributed.world_size() > 1 else list(parts.values())
+    return Curve(*(torch.cat(values, dim=1).to(run.device) for values in zip(*parts)))
+
+
+def validate(run: Run, writer: SummaryWriter | None, val_tasks) -> dict[str, float]:
+    """Metric on the fixed validation tasks after 0..test_inner_steps inner steps (every rank takes
+    part; rank 0 writes)."""
     alg = run.cfg.algorithm
     params = dict(run.model.named_parameters())
-    curve = run.algorithm.curve(params, val_tasks, run.task.metric_fn, alg.test_inner_steps).metric.mean(dim=1)
+    curve = fixed_curve(run, val_tasks).metric.mean(dim=1)
     name = run.task.metric_name
     steps = sorted({0, min(alg.inner_steps, alg.test_inner_steps), alg.test_inner_steps, *run.cfg.trainer.report_steps})
     scores = {f"{name}_after_{s}_steps": float(curve[s]) for s in steps}
-    for key, value in scores.items():
-        writer.add_scalar(f"val/{key}", value, run.iteration)
-    writer.add_scalar("val/train_seconds", run.train_seconds, run.iteration)  # score against training time
+    if writer is not None:
+        for key, value in scores.items():
+            writer.add_scalar(f"val/{key}", value, run.iteration)
+        writer.add_scalar("val/train_seconds", run.train_seconds, run.iteration)  # score against training time
     run.history.append({"iteration": run.iteration, "train_seconds": run.train_seconds,
                         **{k: v if math.isfinite(v) else None for k, v in scores.items()}})
     # the checkpoint with the best score after test_inner_steps steps is kept as best.pt
@@ -196,8 +241,9 @@ def validate(run: Run, writer: SummaryWriter, val_tasks) -> dict[str, float]:
     if math.isfinite(score) and (run.best is None or sign * score < sign * run.best):
         run.best = score
         save(run, checkpoint.BEST)
-    gen = fixed_generator(run, run.cfg.trainer.val_seed + 1)
-    run.task.visualize(writer, run.iteration, run.model, params, gen, run.algorithm.adapt_to)
+    if writer is not None:
+        gen = fixed_generator(run, run.cfg.trainer.val_seed + 1)
+        run.task.visualize(writer, run.iteration, run.model, params, gen, run.algorithm.adapt_to)
     return scores
 
 
@@ -230,7 +276,7 @@ def report_steps(cfg: DictConfig) -> list[int]:
     return sorted({*cfg.trainer.report_steps, cfg.algorithm.test_inner_steps})
 
 
-def evaluate(run: Run, chunk: int = 100) -> dict:
+def evaluate(run: Run) -> dict:
     """The paper protocol: ``trainer.test_tasks`` held-out tasks from a fixed seed, the metric on
     each task's query set after every report step, mean +- 95 % CI; for the K the model was trained
     with (the headline, first) and every other K of ``task.test_shots``. A task whose query loss
@@ -238,7 +284,6 @@ def evaluate(run: Run, chunk: int = 100) -> dict:
     and each cell also gives the mean without such tasks."""
     cfg, tr, alg = run.cfg, run.cfg.trainer, run.cfg.algorithm
     name = run.task.metric_name
-    params = dict(run.model.named_parameters())
     headline = f"{run.task.shots}-shot"
     results = {"task": cfg.task.name, "iteration": run.iteration, "test_tasks": tr.test_tasks,
                "test_seed": tr.test_seed, "inner_lr": alg.inner_lr, "metric": name,
@@ -251,14 +296,12 @@ def evaluate(run: Run, chunk: int = 100) -> dict:
     results["training"]["train_seconds_reached"] = last["train_seconds"]
     results["validation"] = run.history
     for shots in dict.fromkeys([run.task.shots, *run.task.test_shots]):  # the trained K first, once
-        # all test tasks drawn at once from the fixed seed, so the set never depends on `chunk`
+        # all test tasks drawn at once from the fixed seed, so the set never depends on the chunks
         tasks = run.task.sample(tr.test_tasks, shots, run.task.test_queries, fixed_generator(run, tr.test_seed),
                                 split="test").tasks
-        parts = [run.algorithm.curve(params, type(tasks)(*(t[i:i + chunk] for t in tasks)), run.task.metric_fn,
-                                     alg.test_inner_steps)
-                 for i in range(0, tr.test_tasks, chunk)]
-        metric = torch.cat([p.metric for p in parts], dim=1)  # [steps + 1, tasks]
-        diverged = diverged_tasks(torch.cat([p.loss for p in parts], dim=1), tr.divergence_ratio)
+        curve = fixed_curve(run, tasks)
+        metric = curve.metric  # [steps + 1, tasks]
+        diverged = diverged_tasks(curve.loss, tr.divergence_ratio)
         key = f"{shots}-shot"
         results["results"][key] = {f"after_{s}_steps": summarize(metric[s], diverged[s]) for s in report_steps(run.cfg)}
         results["curve"][key] = [float(v) for v in metric.double().mean(dim=1)]
@@ -296,7 +339,8 @@ def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, ev
             run.iteration, run.train_seconds = best_state["iteration"], best_state.get("train_seconds")
             log.info("evaluating the best validation checkpoint (iteration %d)", run.iteration)
     results = evaluate(run)
-    path = write_results(run.run_dir, results)
-    print(results_table(results))
-    log.info("results written to %s", path)
+    if distributed.is_main():
+        path = write_results(run.run_dir, results)
+        print(results_table(results))
+        log.info("results written to %s", path)
     return results

@@ -28,9 +28,10 @@ def resolve_device(name: str) -> torch.device:
 
 def set_threads(requested: int | None) -> int:
     """torch's CPU threads: ``requested``, or None for every core this process may use (fastest
-    for one run on a machine; use 1 per run when several runs share the cores)."""
+    for one run on a machine; use 1 per run when several runs share the cores), shared out among
+    the processes torchrun started on this machine."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = requested or cores
+    threads = requested or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
     return threads
 

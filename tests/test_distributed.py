@@ -1,0 +1,203 @@
+"""One run on several processes: ``torchrun --nproc_per_node=2`` with the gloo backend on the CPU
+(the GPU path is the same code with NCCL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from metarun import distributed
+from metarun.utils import checkpoint
+from metarun.utils.errors import ConfigError
+from tests.conftest import ROOT, compose_config
+
+pytestmark = pytest.mark.smoke
+SMOKE = ["debug=smoke", "trainer.num_threads=1"]
+
+
+def torchrun(args: list[str], cwd: Path, nproc: int = 2, timeout: float = 240, script: str | None = None,
+             **kwargs) -> subprocess.Popen | subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=N -m metarun ARGS`` (or a script) in ``cwd``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    target = [script] if script else ["-m", "metarun"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               *target, *args]
+    if kwargs.pop("background", False):
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def metarun_lines(stderr: str) -> list[str]:
+    """metarun's own lines in a torchrun job's stderr (torchrun adds its failure report after them)."""
+    return [line for line in stderr.splitlines() if line.startswith("metarun:")]
+
+
+def only_run(cwd: Path) -> Path:
+    runs = list((cwd / "outputs" / "runs").iterdir())
+    assert len(runs) == 1, runs  # one folder for the whole job, not one per rank
+    return runs[0]
+
+
+def numbers(results: dict) -> dict:
+    return {k: v for k, v in results["results"].items()}
+
+
+def test_one_meta_step_on_two_ranks_equals_one_process_for_every_algorithm(tmp_path):
+    """Meta-batch 2 x 8 on two ranks against 16 tasks in one process, float64: the averaged
+    meta-gradient (or Reptile's / iMAML's outer direction) and the parameters after the step agree to
+    rounding, and both ranks hold identical parameters (the algorithms' own included). The same for
+    MAML-TRPO's step on 2 x 4 navigation tasks against 8."""
+    out = tmp_path / "out.json"
+    proc = torchrun([str(out)], tmp_path, script=str(ROOT / "tests" / "distributed_step.py"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result.pop("world_size") == 2
+    trpo = result.pop("maml_trpo")  # MAML-TRPO: the gradient and every Fisher-vector product averaged
+    assert trpo["ranks_equal"] and trpo["largest_update"] > 1e-3, trpo
+    assert trpo["max_difference"] <= 1e-10 and trpo["step_fraction"][0] == trpo["step_fraction"][1], trpo
+    assert abs(trpo["kl"][0] - trpo["kl"][1]) <= 1e-10, trpo
+    assert set(result) == {"maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml"}
+    for name, r in result.items():
+        assert r["ranks_equal"], name
+        assert r["largest_grad"] > 1e-3 and r["largest_update"] > 1e-5, name  # a real step was taken
+        assert r["grad_difference"] <= 1e-12 * r["largest_grad"], (name, r)
+        assert r["max_difference"] <= 1e-12, (name, r)
+        assert r["loss_difference"] <= 1e-12, (name, r)
+    assert result["metasgd"]["own_parameters"] > 0 and result["mamlpp"]["own_parameters"] > 0
+
+
+def test_two_rank_run_owns_one_folder_evaluates_as_one_process_and_resumes_on_one(tmp_path, cli):
+    proc = torchrun([*SMOKE, "algorithm.meta_batch_size=4"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = only_run(tmp_path)
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert (info["world_size"], info["backend"], info["devices"]) == (2, "gloo", ["cpu", "cpu"])
+    log = (run_dir / "metarun.log").read_text()
+    assert log.count("validation mse_after_0_steps") == 2  # rank 0's log only (two validations)
+    assert "torchrun: 2 processes, backend gloo" in log
+    assert proc.stdout.count("sinusoid test mse") == 1
+    state = checkpoint.load(run_dir)
+    assert len(state["rng_ranks"]) == 2 and state["iteration"] == 6
+    # each rank drew its own tasks: the two streams differ
+    assert not torch.equal(state["rng_ranks"][0]["generators"]["train"], state["rng_ranks"][1]["generators"]["train"])
+    two_ranks = json.loads((run_dir / "results.json").read_text())
+
+    # the sharded test gives what one process gives on the same checkpoint, bit for bit
+    one = cli(f"evaluate={run_dir}", "trainer.num_threads=1")
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert numbers(json.loads((run_dir / "results.json").read_text())) == numbers(two_ranks)
+
+    # resumed on one process: it continues from the 2-rank checkpoint with rank 0's task stream and
+    # the whole meta-batch; its first step is exactly that step taken here by hand
+    from metarun.trainers import supervised
+
+    cfg = compose_config(*SMOKE, "algorithm.meta_batch_size=4")
+    run = supervised.setup(cfg, tmp_path / "by_hand", batching=state["batching"])
+    supervised.restore(run, state)
+    run.algorithm.on_iteration(run.iteration)
+    supervised.meta_step(run, supervised.sample_meta_batch(run))
+    resumed = cli(f"resume={run_dir}", "trainer.iterations=7", "trainer.checkpoint_interval=1")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = checkpoint.load(run_dir)
+    assert after["iteration"] == 7 and "rng_ranks" not in after
+    for key, value in run.model.state_dict().items():
+        assert torch.equal(after["model"][key], value), key
+    assert [h["iteration"] for h in after["history"]] == [3, 6, 7]
+    assert "written by 2 process(es), this run has 1" in (run_dir / "metarun.log").read_text()
+
+
+def test_a_killed_rank_ends_the_job_with_one_line_and_the_run_resumes(tmp_path, cli):
+    job = torchrun([*SMOKE, "trainer.iterations=1000000", "trainer.checkpoint_interval=20", "trainer.val_interval=1000000"],
+                   tmp_path, background=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("outputs/runs/*/checkpoints/last.pt")):
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended or never checkpointed"
+            time.sleep(0.2)
+        victim = next(pid for pid in child_pids(job.pid) if environ(pid).get("RANK") == "1")
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = job.communicate(timeout=60)  # no hang: the other rank notices and stops
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert time.monotonic() - killed < 60
+    assert job.returncode != 0
+    lines = metarun_lines(stderr)
+    assert len(lines) == 1, stderr[-3000:]
+    assert "lost the other ranks" in lines[0] and "resume" in lines[0]
+    run_dir = only_run(tmp_path)
+    resumed = cli(f"resume={run_dir}", "trainer.iterations=40")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert checkpoint.load(run_dir)["iteration"] == 40
+
+
+def child_pids(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["algorithm.meta_batch_size=3"], "algorithm.meta_batch_size=3 does not split evenly over 2 processes"),
+    (["algorithm.meta_batch_size=1"], "2 processes but algorithm.meta_batch_size=1"),
+    (["-m", "seed=0,1"], "torchrun starts one run on several processes"),
+])
+def test_bad_input_under_torchrun_is_one_line_and_writes_nothing(tmp_path, args, message):
+    proc = torchrun([*SMOKE, *args], tmp_path)
+    assert proc.returncode != 0
+    lines = metarun_lines(proc.stderr)
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-3000:]
+    assert "(rank 0)" in lines[0]
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_more_gpu_ranks_than_gpus_is_refused_alike_on_every_rank(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    for local in range(4):
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        with pytest.raises(ConfigError, match=r"4 processes on this node but only 2 GPU\(s\).*--nproc_per_node=2"):
+            distributed.device_for("auto")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.device_for("auto") == "cuda:1" and distributed.device_for("cpu") == "cpu"
+
+
+def test_one_process_is_untouched():
+    """Without torchrun every helper is the single process's identity: nothing is communicated."""
+    assert not distributed.launched() and distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.check_meta_batch(5) == 5 and distributed.rank_seed(3) == 3
+    assert distributed.shard(250, 100) == [0, 100, 200]
+    t = [torch.ones(2)]
+    assert distributed.average(t)[0] is t[0]
+
+
+def test_meta_rl_on_two_ranks_splits_the_tasks_and_resumes_on_one(tmp_path, cli):
+    tiny = ["task=navigation2d", "trainer.iterations=2", "algorithm.meta_batch_size=4", "algorithm.trajectories=3",
+            "task.horizon=8", "trainer.test_tasks=4", "trainer.checkpoint_interval=1", "trainer.progress=false",
+            "trainer.num_threads=1"]
+    proc = torchrun(tiny, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = only_run(tmp_path)
+    state = checkpoint.load(run_dir)
+    assert state["iteration"] == 2 and len(state["rng_ranks"]) == 2
+    assert (run_dir / "results.json").is_file() and proc.stdout.count("navigation2d test return") == 1
+    resumed = cli(f"resume={run_dir}", "trainer.iterations=3")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert checkpoint.load(run_dir)["iteration"] == 3
