@@ -13,6 +13,11 @@ above the resident set after set-up (model and dataset loaded).
     python -m metarun.bench                       # every benchmark config, CPU and CUDA if present
     python -m metarun.bench --configs sinusoid --algorithms maml reptile --iterations 100 --rounds 3
     python -m metarun.bench --threads 1           # one torch thread (default: every core)
+    python -m metarun.bench --configs omniglot_5w1s --algorithms maml --processes 2 --rl
+
+``--processes N`` (default 2; 0 skips it) adds a row per config: MAML on N torchrun processes of
+one thread each (gloo on a CPU) against one process with N threads, the same global meta-batch,
+launched alternately round by round; the ratio is the one to quote.
 """
 
 from __future__ import annotations
@@ -20,7 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -145,6 +154,72 @@ def bench_config(name: str, overrides: list[str], device: str, iterations: int, 
     return rows
 
 
+def _processes_worker(spec: str) -> None:
+    """Run by torchrun (``python -m metarun.bench --processes-worker JSON``): time ``iterations``
+    training steps (sampling this rank's share of the meta-batch included) after ``warmup``; rank
+    0 writes the milliseconds per step to ``out``."""
+    from metarun import distributed
+    from metarun.cli import compose
+    from metarun.trainers import supervised as sup
+
+    args = json.loads(spec)
+    distributed.init()
+    run = sup.setup(compose(*args["overrides"]), Path("/nonexistent"))
+    for _ in range(args["warmup"]):
+        sup.meta_step(run, sup.sample_meta_batch(run))
+    distributed.all_gather_object(None, "the benchmark")  # start together
+    start = time.perf_counter()
+    for _ in range(args["iterations"]):
+        sup.meta_step(run, sup.sample_meta_batch(run))
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - start) / args["iterations"] * 1e3
+    ms = max(distributed.all_gather_object(ms, "the benchmark"))  # the step is as slow as its slowest rank
+    if distributed.is_main():
+        Path(args["out"]).write_text(json.dumps({"ms": ms, "batching": run.batching}))
+    distributed.close()
+
+
+def bench_processes(name: str, overrides: list[str], processes: int, iterations: int, rounds: int,
+                    warmup: int) -> dict:
+    """``processes`` torchrun processes x 1 thread against 1 process x ``processes`` threads, the
+    same global meta-batch (the config's, rounded down to a multiple of ``processes``: sinusoid's
+    25 becomes 24 for 2), alternating rounds; the medians and their ratio."""
+    from metarun.cli import compose
+
+    meta_batch = compose(*overrides).algorithm.meta_batch_size // processes * processes
+    overrides = [*overrides, f"algorithm.meta_batch_size={meta_batch}"]
+    times: dict[str, list[float]] = {"processes": [], "threads": []}
+    batching = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(rounds):
+            for kind, (nproc, threads) in {"processes": (processes, 1), "threads": (1, processes)}.items():
+                out = Path(tmp) / f"{kind}.json"
+                spec = json.dumps({"overrides": [*overrides, "device=cpu", f"trainer.num_threads={threads}"],
+                                   "iterations": iterations, "warmup": warmup, "out": str(out)})
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+                subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                f"--nproc_per_node={nproc}", "-m", "metarun.bench", "--processes-worker", spec],
+                               check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                result = json.loads(out.read_text())
+                times[kind].append(result["ms"])
+                batching[kind] = result["batching"]
+    ms = {kind: statistics.median(values) for kind, values in times.items()}
+    return {"config": name, "processes": processes, "meta_batch_size": meta_batch, "ms_processes": ms["processes"], "ms_threads": ms["threads"],
+            "batching": batching, "speedup": ms["threads"] / ms["processes"], "iterations": iterations,
+            "rounds": rounds}
+
+
+def processes_table(rows: list[dict]) -> str:
+    head = (f"{'config':<16}{'N':>3}{'meta-batch':>11}{'N proc x 1 thread':>20}{'1 proc x N threads':>20}"
+            f"{'speed-up':>10}  (ms/iteration, MAML)")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['config']:<16}{r['processes']:>3}{r['meta_batch_size']:>11}{r['ms_processes']:>20.2f}{r['ms_threads']:>20.2f}"
+                     f"{r['speedup']:>9.2f}x")
+    return "\n".join(lines)
+
+
 # meta-RL: name -> (Hydra overrides, meta-iterations timed)
 RL_CONFIGS = {
     "navigation2d": (["task=navigation2d"], 3),
@@ -222,9 +297,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations before the first round")
     parser.add_argument("--out", default="outputs/bench", help="folder for the JSON record")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
+    parser.add_argument("--processes", type=int, default=2, help="also MAML on N torchrun processes x 1 thread "
+                        "against 1 process x N threads, per config (0: skip)")
+    parser.add_argument("--processes-worker", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (trainer.num_threads; "
                         "default: the config's, every core)")
     args = parser.parse_args(argv)
+    if args.processes_worker:
+        _processes_worker(args.processes_worker)
+        return []
     threads = [] if args.threads is None else [f"trainer.num_threads={args.threads}"]
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
@@ -236,6 +317,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows += bench_config(name, [*overrides, f"algorithm={algorithm}", *threads], device,
                                      args.iterations or iterations, args.rounds, args.warmup, memory=not args.no_memory)
     print(table(rows))
+    process_rows = []
+    for name in args.configs if args.processes > 1 else []:
+        overrides, iterations, _ = CONFIGS[name]
+        print(f"benchmarking {name} with MAML on {args.processes} processes against {args.processes} threads ...",
+              flush=True)
+        process_rows.append(bench_processes(name, [*overrides, "algorithm=maml"], args.processes,
+                                            args.iterations or iterations, args.rounds, args.warmup))
+    if process_rows:
+        print(processes_table(process_rows))
     rl_rows = []
     for name in args.rl:
         print(f"benchmarking {name} (meta-RL) ...", flush=True)
@@ -248,7 +338,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from metarun.utils.runtime import versions
 
     path = out / f"bench_{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
-    path.write_text(json.dumps({"versions": versions(), "rows": rows, "rl": rl_rows}, indent=2) + "\n")
+    path.write_text(json.dumps({"versions": versions(), "rows": rows, "processes": process_rows, "rl": rl_rows}, indent=2) + "\n")
     print(f"\nwritten to {path}")
     return rows
 

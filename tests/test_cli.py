@@ -314,4 +314,9 @@ def test_bench_measures_both_batchings(tmp_path):
     assert all(r["ms_per_iteration"] > 0 and r["auto_picks"] == "vmap" for r in rows)
     assert [r["speedup_vs_loop"] for r in rows if r["batching"] == "loop"] == [1.0, 1.0]
     assert all(r["peak_mb"] > 0 for r in rows)  # measured in child processes
-    assert list(tmp_path.glob("bench_*.json"))
+    record = json.loads(next(tmp_path.glob("bench_*.json")).read_text())
+    # and MAML on 2 torchrun processes x 1 thread against 1 process x 2 threads, meta-batch 25 -> 24
+    (row,) = record["processes"]
+    assert (row["config"], row["processes"], row["meta_batch_size"]) == ("sinusoid", 2, 24)
+    assert row["ms_processes"] > 0 and row["ms_threads"] > 0
+    assert row["speedup"] == pytest.approx(row["ms_threads"] / row["ms_processes"])
