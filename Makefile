@@ -19,10 +19,10 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch is pinned in setup.cfg (torch==2.13.0): never let pip pick a torch by itself
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,cluster,search]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install metarun with its test tools
+install: $(STAMP) ## create .venv and install metarun with its test tools, launchers and search
 	@echo "installed: $(VENV)/bin/metarun"
 
 run: $(STAMP) ## train and evaluate sinusoid MAML (overrides: make run ARGS="experiment=sinusoid_k5")

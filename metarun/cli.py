@@ -11,6 +11,8 @@ set ``HYDRA_FULL_ERROR=1`` for the full traceback.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
 import re
@@ -137,21 +139,79 @@ def run(cfg: DictConfig) -> float:
         raise ConfigError("give resume=... or evaluate=..., not both")
     state = None
     target, eval_only = cfg.resume or cfg.evaluate, bool(cfg.evaluate)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     if target:
         cfg, state = _saved_config(target, _checkpoint_name(target, eval_only))
     else:
         check_added_keys(cfg, HydraConfig.get().overrides.task, Path(CONFIG_DIR))
     validate(cfg)
     if not target:
+        _share_the_cores(cfg)
+        earlier = _earlier_attempt(cfg, run_dir)
+        if isinstance(earlier, float):
+            return earlier
+        state = earlier
         _say_where_the_values_come_from()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     placement = _placement(cfg)
-    if not target and distributed.is_main():
+    if state is None and distributed.is_main():
         write_provenance(cfg, run_dir, placement)
     trainer = TRAINERS.get(cfg.trainer.name)
     if trainer is None:
         raise ConfigError(f"unknown trainer '{cfg.trainer.name}' (known: {', '.join(sorted(TRAINERS))})")
     return trainer(cfg, run_dir, state=state, eval_only=eval_only)
+
+
+def _earlier_attempt(cfg: DictConfig, run_dir: Path) -> float | dict | None:
+    """A sweep job's folder is a function of the sweep folder and the job's overrides, so a job that
+    runs again (requeued after a preemption or its time limit, or the same sweep started again with
+    its ``hydra.sweep.dir``) finds its earlier attempt there: finished (results.json: its objective,
+    nothing run), stopped (error.txt: NaN, as before), or a checkpoint to resume from (returned)."""
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    from metarun.trainers.results import objective
+
+    if (run_dir / "results.json").is_file():
+        log.info("%s already holds this job's results: nothing to do (remove the folder to run it again)", run_dir)
+        return objective(json.loads((run_dir / "results.json").read_text()))
+    if (run_dir / sweep.ERROR_FILE).is_file():
+        log.info("%s: this job stopped before (%s): not run again", run_dir,
+                 (run_dir / sweep.ERROR_FILE).read_text().strip())
+        return float("nan")
+    last = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST
+    if not last.is_file():
+        return None
+    state = checkpoint.load(last)
+
+    def same(config: dict) -> dict:  # (the threads may differ between attempts; the numbers do not)
+        return {**config, "trainer": {k: v for k, v in config["trainer"].items() if k != "num_threads"}}
+
+    if same(state["config"]) != same(OmegaConf.to_container(cfg, resolve=True)):
+        raise ConfigError(f"{run_dir} holds a checkpoint of another config than this job's; give the sweep another "
+                          "folder (hydra.sweep.dir=...)")
+    log.info("resuming this sweep job from its checkpoint of iteration %d in %s", state["iteration"], run_dir)
+    return state
+
+
+def _share_the_cores(cfg: DictConfig) -> None:
+    """Sweep jobs that run side by side on this machine share its cores: under Hydra's joblib
+    launcher each of its ``n_jobs`` gets its share, under submitit's local launcher its
+    ``cpus_per_task`` (on SLURM the job's CPU allocation already limits the cores it sees); unless
+    ``trainer.num_threads`` is given."""
+    if cfg.trainer.num_threads is not None or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    launcher = HydraConfig.get().launcher
+    target = str(launcher.get("_target_", ""))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if target.endswith("JoblibLauncher"):
+        n_jobs = int(launcher.get("n_jobs") or -1)
+        jobs = min(n_jobs, cores) if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 = every core
+        threads = max(1, cores // jobs)
+    elif target.endswith("LocalLauncher") and launcher.get("cpus_per_task"):
+        threads = int(launcher.cpus_per_task)
+    else:
+        return
+    cfg.trainer.num_threads = threads
+    log.info("trainer.num_threads=%d: this job's share of the %d cores (%s)", threads, cores, target.rsplit(".", 1)[-1])
 
 
 def _placement(cfg: DictConfig) -> dict:
@@ -333,6 +393,34 @@ def _unknown_key_line(exc: BaseException, args: list[str]) -> str | None:
     return str(ConfigError(unknown_key_message(key, keys)))
 
 
+# the Hydra plugins behind the launcher and sweeper presets: (module, pip package, metarun's extra)
+_PLUGINS = {"submitit": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "cluster"),
+            "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher", "cluster"),
+            "optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper", "search")}
+_NEEDS = {"hydra/launcher": {"slurm": "submitit", "local": "submitit", "submitit_slurm": "submitit",
+                             "submitit_local": "submitit", "parallel": "joblib", "joblib": "joblib"},
+          "hydra/sweeper": {"optuna": "optuna"}}
+
+
+def _missing_plugin(args: list[str]) -> str | None:
+    """The line for a launcher or sweeper (on the command line, or chosen by a sweep preset) whose
+    Hydra plugin is not installed; Hydra's own message would only say the config was not found."""
+    for arg in args:
+        group, _, choice = arg.lstrip("+~").partition("=")
+        wanted = [(group, choice)]
+        preset = Path(CONFIG_DIR) / "sweep" / f"{choice}.yaml"
+        if group == "sweep" and preset.is_file():  # override /hydra/sweeper: optuna
+            wanted = re.findall(r"override /(hydra/\w+): (\w+)", preset.read_text())
+        for g, c in wanted:
+            plugin = _NEEDS.get(g, {}).get(c)
+            if plugin and importlib.util.find_spec(_PLUGINS[plugin][0]) is None:
+                module, package, extra = _PLUGINS[plugin]
+                chosen = arg if (g, c) == (group, choice) else f"{arg} (its {g}={c})"
+                return (f"{chosen} needs Hydra's {plugin} plugin, which is not installed here: pip install "
+                        f"'metarun[{extra}]' (or {package}); make install installs it")
+    return None
+
+
 def _version() -> str:
     import hydra as hydra_module
     import torch
@@ -369,6 +457,9 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's printer
     args = sys.argv[1:] = _with_the_runs_task(sys.argv[1:])
     try:
+        missing = _missing_plugin(args)
+        if missing:
+            raise ConfigError(missing)
         _join_torchrun()
         hydra_main()
         if sweep.STOPPED_JOBS:

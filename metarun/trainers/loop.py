@@ -30,10 +30,18 @@ from metarun.utils.errors import DivergedError, MetarunError
 log = logging.getLogger(__name__)
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR2") if hasattr(signal, name))
+"""Ctrl-C, a kill, and the signal a scheduler sends before preempting a job or at its time limit
+(submitit's SIGUSR2, sent ``signal_delay_s`` before the end on SLURM)."""
+
+
 class StopRequest:
-    """Ctrl-C / SIGTERM: finish the current iteration, checkpoint, stop. A second Ctrl-C aborts."""
+    """Ctrl-C / SIGTERM / SIGUSR2: finish the current iteration, checkpoint, stop. A second Ctrl-C
+    aborts. A SIGUSR2 whose earlier handler was a scheduler's (submitit's, which requeues the job)
+    is handed on to it once the checkpoint is written (:meth:`hand_on`)."""
 
     def __init__(self) -> None:
+        self.previous: dict[int, object] = {}  # the handlers before ours
         self.requested: str | None = None  # the signal this process received
         self.agreed: str | None = None  # under torchrun: the stop all ranks agreed on (agreed_stop)
 
@@ -41,6 +49,16 @@ class StopRequest:
         """The stop to act on: this process's signal, or under torchrun the agreed one only (a rank
         that left the loop alone would wait for the others in a collective for ever)."""
         return self.requested if distributed.world_size() == 1 else self.agreed
+
+    def hand_on(self) -> None:
+        """After the checkpoint: give a SIGUSR2 to the handler that was there before ours, when
+        there was one (submitit's: it requeues the job, whose next attempt resumes from the
+        checkpoint, and exits)."""
+        usr2 = getattr(signal, "SIGUSR2", None)
+        if self.requested == "SIGUSR2" and callable(self.previous.get(usr2)):
+            log.info("SIGUSR2: checkpoint written; handing the signal on to the scheduler's handler (requeue)")
+            signal.signal(usr2, self.previous[usr2])
+            signal.raise_signal(usr2)
 
     def __call__(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
@@ -50,8 +68,9 @@ class StopRequest:
 
 @contextmanager
 def stop_on_signals():
-    handler, previous = StopRequest(), {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    handler = StopRequest()
+    previous = handler.previous
+    for sig in STOP_SIGNALS:
         try:
             previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread (e.g. some launchers): no handler, no harm
@@ -240,4 +259,5 @@ def train_loop(run, step: Step, save: Callable[[], Path],
             path = save()
             if path is not None:
                 log.info("%s received: saved %s at iteration %d", stop.now(), path, run.iteration)
+            stop.hand_on()  # a scheduler's SIGUSR2: its handler requeues the job (and exits)
         raise KeyboardInterrupt(stop.now())

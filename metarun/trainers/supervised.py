@@ -276,7 +276,7 @@ def report_steps(cfg: DictConfig) -> list[int]:
     return sorted({*cfg.trainer.report_steps, cfg.algorithm.test_inner_steps})
 
 
-def evaluate(run: Run) -> dict:
+def evaluate(run: Run, chunk: int = 100) -> dict:
     """The paper protocol: ``trainer.test_tasks`` held-out tasks from a fixed seed, the metric on
     each task's query set after every report step, mean +- 95 % CI; for the K the model was trained
     with (the headline, first) and every other K of ``task.test_shots``. A task whose query loss
@@ -299,7 +299,7 @@ def evaluate(run: Run) -> dict:
         # all test tasks drawn at once from the fixed seed, so the set never depends on the chunks
         tasks = run.task.sample(tr.test_tasks, shots, run.task.test_queries, fixed_generator(run, tr.test_seed),
                                 split="test").tasks
-        curve = fixed_curve(run, tasks)
+        curve = fixed_curve(run, tasks, chunk)
         metric = curve.metric  # [steps + 1, tasks]
         diverged = diverged_tasks(curve.loss, tr.divergence_ratio)
         key = f"{shots}-shot"

@@ -21,9 +21,10 @@ STOPPED_JOBS: list[int] = []  # [jobs that did not finish, jobs] once a sweep ha
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict]:
-    """A row per job folder: its objective (mean, ci95), training time and every test number."""
+    """A row per job folder: its objective (mean, ci95), training time and every test number
+    (hidden folders are not jobs: submitit's .submitit/ is its own)."""
     rows = []
-    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
+    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         path = job / "results.json"
         if not path.is_file():
             error = job / ERROR_FILE

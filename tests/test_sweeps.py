@@ -1,0 +1,156 @@
+"""Sweeps through Hydra's launcher and sweeper plugins (the ``cluster`` and ``search`` extras):
+submitit's local executor standing in for SLURM, joblib side by side, Optuna searching on metarun's
+objective."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import DATA_DIR, require_data
+
+pytestmark = pytest.mark.smoke
+# long enough to be interrupted mid-training, short enough for the suite (~10 s a job on one thread)
+LONG = ["debug=smoke", "trainer.iterations=3000", "trainer.val_interval=1000", "trainer.checkpoint_interval=1000",
+        "trainer.log_interval=100", "algorithm.batching=vmap"]
+TIMING = {"train_seconds", "ms_per_iteration", "peak_memory_mb"}  # what differs between attempts
+
+
+def metarun(args: list[str], cwd: Path, background: bool = False, timeout: float = 300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    command = [sys.executable, "-m", "metarun", *args]
+    if background:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def summary(sweep_dir: Path) -> list[dict]:
+    """summary.csv without the columns that measure time and memory."""
+    with open(sweep_dir / "summary.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+def job_pids(sweep_dir: Path) -> list[int]:
+    """The processes running the sweep's jobs (submitit's task processes, not their controllers)."""
+    out = subprocess.run(["pgrep", "-f", "submitit.core._submit"], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if str(sweep_dir) in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+
+
+def test_preempted_sweep_jobs_are_requeued_resume_and_end_as_an_uninterrupted_sweep(tmp_path):
+    """Each job of a submitit_local sweep is sent SIGUSR2 (what SLURM sends before preempting or at
+    the time limit) mid-training: it checkpoints, is requeued, resumes from its own folder, and the
+    sweep's summary.csv is the uninterrupted sweep's, bit for bit."""
+    sweep = ["-m", "hydra/launcher=local", "seed=0,1", *LONG]
+    interrupted = tmp_path / "interrupted"
+    job = metarun([*sweep, f"hydra.sweep.dir={interrupted}"], tmp_path, background=True)
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(interrupted.glob("*seed=*/checkpoints/last.pt"))) < 2:  # both past their first checkpoint
+            assert job.poll() is None and time.monotonic() < deadline, "the sweep ended before both jobs checkpointed"
+            time.sleep(0.1)
+        pids = job_pids(interrupted)
+        assert len(pids) == 2
+        for pid in pids:
+            os.kill(pid, signal.SIGUSR2)
+        _, stderr = job.communicate(timeout=240)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, stderr[-3000:]
+    for folder in sorted(interrupted.glob("*seed=*")):
+        log = (folder / "metarun.log").read_text()
+        assert "SIGUSR2 received: saved" in log and "handing the signal on" in log, folder
+        assert "resuming this sweep job from its checkpoint of iteration" in log, folder
+
+    uninterrupted = tmp_path / "uninterrupted"
+    proc = metarun([*sweep, f"hydra.sweep.dir={uninterrupted}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary(interrupted) == summary(uninterrupted)
+    assert [row["status"] for row in summary(uninterrupted)] == ["ok", "ok"]
+
+    # the same sweep started again finds its jobs finished and runs nothing
+    again = metarun([*sweep, f"hydra.sweep.dir={uninterrupted}"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert summary(uninterrupted) == summary(interrupted)
+    for folder in uninterrupted.glob("*seed=*"):
+        assert "already holds this job's results: nothing to do" in (folder / "metarun.log").read_text()
+
+
+def test_parallel_launcher_runs_jobs_side_by_side_with_a_share_of_the_cores(tmp_path):
+    sweep_dir = tmp_path / "s"
+    proc = metarun(["-m", "hydra/launcher=parallel", "seed=0,1", "debug=smoke", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [row["status"] for row in summary(sweep_dir)] == ["ok", "ok"]
+    cores = len(os.sched_getaffinity(0))
+    for folder in sweep_dir.glob("*seed=*"):
+        log = (folder / "metarun.log").read_text()
+        assert f"trainer.num_threads={max(1, cores // 2)}: this job's share of the {cores} cores (JoblibLauncher)" in log
+
+
+def test_optuna_searches_on_the_objective_metarun_returns(tmp_path):
+    sweep_dir = tmp_path / "search"
+    proc = metarun(["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.seed=0",
+                    "algorithm.inner_lr=interval(0.001,0.05)", "debug=smoke", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = summary(sweep_dir)
+    assert len(rows) == 3 and all(row["status"] == "ok" for row in rows)
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(min(float(row["value"]) for row in rows), rel=1e-12)
+
+
+def test_the_omniglot_search_preset_runs(tmp_path, omniglot_cache):
+    require_data(DATA_DIR / "omniglot" / "images_background.zip")
+    sweep_dir = tmp_path / "search"
+    proc = metarun(["-m", "sweep=search_omniglot", "hydra.sweeper.n_trials=2", "debug=smoke", "task.progress=false",
+                    f"task.data_dir={DATA_DIR}", f"task.cache_dir={omniglot_cache}", f"hydra.sweep.dir={sweep_dir}"],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = summary(sweep_dir)
+    assert len(rows) == 2 and all(row["status"] == "ok" for row in rows)
+    assert all("accuracy" in row["objective"] for row in rows)
+    config = yaml.safe_load(next(sweep_dir.glob("*/config.yaml")).read_text())
+    assert config["task"]["name"] == "omniglot" and config["trainer"]["max_minutes"] is not None
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(float(row["value"]) for row in rows), rel=1e-12)  # maximised
+    assert set(best["best_params"]) == {"algorithm.inner_lr", "algorithm.meta_batch_size"}
+
+
+@pytest.mark.parametrize("preset, target, values", [
+    ("slurm", "SlurmLauncher", {"signal_delay_s": 120, "max_num_timeout": 20, "gpus_per_node": 1}),
+    ("local", "LocalLauncher", {"cpus_per_task": 1, "gpus_per_node": 0}),
+    ("parallel", "JoblibLauncher", {"n_jobs": 2}),
+])
+def test_launcher_presets_extend_the_plugins_configs(preset, target, values):
+    from hydra import compose, initialize_config_dir
+
+    from metarun.cli import CONFIG_DIR, _register
+
+    _register()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        launcher = compose("config", overrides=[f"hydra/launcher={preset}"], return_hydra_config=True).hydra.launcher
+    assert launcher._target_.endswith(target)
+    assert {k: launcher[k] for k in values} == values
+
+
+@pytest.mark.parametrize("arg, hidden, message", [
+    ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "pip install 'metarun[cluster]'"),
+    ("hydra/launcher=parallel", "hydra_plugins.hydra_joblib_launcher", "pip install 'metarun[cluster]'"),
+    ("sweep=search_omniglot", "hydra_plugins.hydra_optuna_sweeper", "(its hydra/sweeper=optuna)"),
+])
+def test_a_preset_whose_plugin_is_missing_is_one_line_and_writes_nothing(tmp_path, arg, hidden, message):
+    code = (f"import sys; sys.modules[{hidden!r}] = None; from metarun.cli import main; "
+            f"sys.argv = ['metarun', '-m', {arg!r}, 'debug=smoke']; main()")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"metarun: error: {arg}") and message in lines[0], proc.stderr
+    assert "not installed" in lines[0] and not (tmp_path / "outputs").exists()
