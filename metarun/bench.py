@@ -177,7 +177,7 @@ def _processes_worker(spec: str) -> None:
     ms = max(distributed.all_gather_object(ms, "the benchmark"))  # the step is as slow as its slowest rank
     if distributed.is_main():
         Path(args["out"]).write_text(json.dumps({"ms": ms, "batching": run.batching}))
-    distributed.close()
+    distributed.finish()
 
 
 def bench_processes(name: str, overrides: list[str], processes: int, iterations: int, rounds: int,
@@ -198,9 +198,11 @@ def bench_processes(name: str, overrides: list[str], processes: int, iterations:
                 spec = json.dumps({"overrides": [*overrides, "device=cpu", f"trainer.num_threads={threads}"],
                                    "iterations": iterations, "warmup": warmup, "out": str(out)})
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-                subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                f"--nproc_per_node={nproc}", "-m", "metarun.bench", "--processes-worker", spec],
-                               check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "-m", "metarun.bench", "--processes-worker", spec]
+                proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{' '.join(command[:6])} ... failed:\n{proc.stdout[-3000:]}")
                 result = json.loads(out.read_text())
                 times[kind].append(result["ms"])
                 batching[kind] = result["batching"]
@@ -211,13 +213,10 @@ def bench_processes(name: str, overrides: list[str], processes: int, iterations:
 
 
 def processes_table(rows: list[dict]) -> str:
-    head = (f"{'config':<16}{'N':>3}{'meta-batch':>11}{'N proc x 1 thread':>20}{'1 proc x N threads':>20}"
-            f"{'speed-up':>10}  (ms/iteration, MAML)")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['config']:<16}{r['processes']:>3}{r['meta_batch_size']:>11}{r['ms_processes']:>20.2f}{r['ms_threads']:>20.2f}"
-                     f"{r['speedup']:>9.2f}x")
-    return "\n".join(lines)
+    return _ruled(f"{'config':<16}{'N':>3}{'meta-batch':>11}{'N proc x 1 thread':>20}{'1 proc x N threads':>20}"
+                  f"{'speed-up':>10}  (ms/iteration, MAML)", [
+        f"{r['config']:<16}{r['processes']:>3}{r['meta_batch_size']:>11}{r['ms_processes']:>20.2f}{r['ms_threads']:>20.2f}"
+        f"{r['speedup']:>9.2f}x" for r in rows])
 
 
 # meta-RL: name -> (Hydra overrides, meta-iterations timed)
@@ -266,21 +265,22 @@ def bench_rl(name: str, overrides: list[str], iterations: int) -> dict:
 
 
 def rl_table(rows: list[dict]) -> str:
-    head = f"{'config':<18}{'env steps/s':>12}{'s/meta-iter':>13}{'sampling':>10}{'threads':>9}"
-    return "\n".join([head, "-" * len(head)] + [
+    return _ruled(f"{'config':<18}{'env steps/s':>12}{'s/meta-iter':>13}{'sampling':>10}{'threads':>9}", [
         f"{r['config']:<18}{r['env_steps_per_s']:>12.0f}{r['s_per_meta_iteration']:>13.2f}{r['sampling_share']:>9.0%}"
         f"{r['threads']:>9}" for r in rows])
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'config':<16}{'algorithm':<10}{'device':<8}{'batching':<12}{'ms/iter':>10}{'peak MB':>10}{'vs loop':>9}"
-            f"{'sampling':>10}{'threads':>9}  auto picks")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['config']:<16}{r['algorithm']:<10}{r['device']:<8}{r['batching']:<12}{r['ms_per_iteration']:>10.2f}"
-                     f"{r['peak_mb']:>10.1f}{r['speedup_vs_loop']:>8.2f}x{r['sampling_share']:>9.1%}{r['threads']:>9}"
-                     f"  {r['auto_picks']}")
-    return "\n".join(lines)
+    return _ruled(f"{'config':<16}{'algorithm':<10}{'device':<8}{'batching':<12}{'ms/iter':>10}{'peak MB':>10}"
+                  f"{'vs loop':>9}{'sampling':>10}{'threads':>9}  auto picks", [
+        f"{r['config']:<16}{r['algorithm']:<10}{r['device']:<8}{r['batching']:<12}{r['ms_per_iteration']:>10.2f}"
+        f"{r['peak_mb']:>10.1f}{r['speedup_vs_loop']:>8.2f}x{r['sampling_share']:>9.1%}{r['threads']:>9}"
+        f"  {r['auto_picks']}" for r in rows])
+
+
+def _ruled(head: str, lines: list[str]) -> str:
+    """A printed table: the header, a rule as wide, the rows."""
+    return "\n".join([head, "-" * len(head), *lines])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

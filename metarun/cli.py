@@ -466,6 +466,7 @@ def main() -> None:
             print(f"metarun: {sweep.STOPPED_JOBS[0]} of {sweep.STOPPED_JOBS[1]} sweep jobs did not finish (their status is "
                   "in the summary above)", file=sys.stderr)
             sys.exit(1)
+        distributed.finish()
     except (_UserError, Exception) as exc:
         if not _is_user_error(exc):
             traceback.print_exc()

@@ -72,7 +72,7 @@ def test_the_eighth_algorithm_of_the_docs_is_one_module_one_registry_line_and_on
     assert rate.shape == () and float(rate) != 0.01  # meta-learned from its start (MAML's sinusoid alpha)
     bench = subprocess.run([sys.executable, "-m", "metarun.bench", "--configs", "sinusoid", "--algorithms", name,
                             "--devices", "cpu", "--iterations", "2", "--rounds", "1", "--warmup", "1", "--rl",
-                            "--no-memory", "--out", "bench"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            "--no-memory", "--processes", "0", "--out", "bench"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=300)
     assert bench.returncode == 0, bench.stderr
     assert [line.split()[1:4] for line in bench.stdout.splitlines() if line.startswith("sinusoid")] == [

@@ -107,6 +107,7 @@ def test_optuna_searches_on_the_objective_metarun_returns(tmp_path):
     assert best["best_value"] == pytest.approx(min(float(row["value"]) for row in rows), rel=1e-12)
 
 
+@pytest.mark.slow  # (12 s; the Optuna sweep itself is in the default suite, above)
 def test_the_omniglot_search_preset_runs(tmp_path, omniglot_cache):
     require_data(DATA_DIR / "omniglot" / "images_background.zip")
     sweep_dir = tmp_path / "search"
