@@ -47,6 +47,9 @@ def test_smoke_run_writes_a_complete_run_folder(cli):
     assert list((run / "tb").glob("events.out.tfevents.*"))
     info = json.loads((run / "run_info.json").read_text())
     assert info["seed"] == 0 and info["versions"]["torch"] == torch.__version__
+    assert info["versions"]["metarun"] == metarun.__version__
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert info["versions"]["source"]["commit"] == head  # the commit the run was made with
     results = json.loads((run / "results.json").read_text())
     assert list(results["results"]) == ["10-shot", "5-shot"]  # the K it was trained with first: the headline
     assert results["headline"] == "10-shot"
@@ -56,6 +59,27 @@ def test_smoke_run_writes_a_complete_run_folder(cli):
     assert state["iteration"] == 6 and state["config"]["trainer"]["iterations"] == 6
     assert "5-shot" in proc.stdout and "+-" in proc.stdout  # the printed table
     assert not list(run.rglob("*.tmp"))
+
+
+def test_the_source_commit_and_whether_tracked_files_differ_from_it(tmp_path):
+    from metarun.utils.runtime import source_commit
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path), *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    assert source_commit(tmp_path) is None  # not a checkout (a wheel's site-packages)
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("a = 1\n")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "first")
+    assert source_commit(tmp_path) == {"commit": git("rev-parse", "HEAD"), "dirty": False}
+    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+    assert source_commit(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert source_commit(tmp_path)["dirty"] is True
+    (tmp_path / "sub").mkdir()
+    assert source_commit(tmp_path / "sub") is None  # inside another project's repository: not ours
 
 
 def test_python_dash_m_and_console_script_agree(cli):

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,8 +44,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def source_commit(where: Path | None = None) -> dict | None:
+    """The git commit of the metarun source a run was made with, and whether tracked files differed
+    from it (``dirty``): None when the code is not a git checkout (installed from a wheel) or git
+    is missing."""
+    where = where or Path(__file__).resolve().parents[2]
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != where.resolve():
+            return None  # inside some other repository (a site-packages in someone's project)
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def versions() -> dict[str, str]:
-    """Versions that decide a run's numbers."""
+    """Versions that decide a run's numbers (and the source's git commit, where it is a checkout)."""
     import hydra
     import omegaconf
 
@@ -52,6 +70,7 @@ def versions() -> dict[str, str]:
 
     out = {
         "metarun": __version__,
+        "source": source_commit(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "hydra": hydra.__version__,
