@@ -76,6 +76,7 @@ def test_rl_time_budget_stops_with_a_checkpoint(tmp_path):
     state = checkpoint.load(tmp_path)
     assert state["iteration"] == 1 and results["training"]["iterations"] == 1
     assert state["train_seconds"] == results["training"]["train_seconds"] > 0
+    assert [(s["from_iteration"], s["to_iteration"]) for s in results["training"]["sittings"]] == [(0, 1)]
 
 
 @pytest.mark.smoke

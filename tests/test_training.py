@@ -130,6 +130,14 @@ def test_time_budget_validates_checkpoints_and_stops_then_resume_carries_on(tmp_
     assert results["training"]["iterations_reached"] == 6
     assert results["training"]["train_seconds_reached"] == history[-1]["train_seconds"]
     assert history[0]["train_seconds"] < history[1]["train_seconds"] < history[2]["train_seconds"]
+    # two sittings, each with its own speed; the evaluated checkpoint's are in results.json
+    sittings = checkpoint.load(tmp_path)["sittings"]
+    assert [(s["from_iteration"], s["to_iteration"]) for s in sittings] == [(0, 1), (1, 6)]
+    assert sum(s["train_seconds"] for s in sittings) == pytest.approx(checkpoint.load(tmp_path)["train_seconds"])
+    assert sittings[1]["ms_per_iteration"] == pytest.approx(sittings[1]["train_seconds"] / 5 * 1e3)
+    training = results["training"]
+    assert training["sittings"][-1]["to_iteration"] == training["iterations"]
+    assert training["ms_per_iteration_last_sitting"] == training["sittings"][-1]["ms_per_iteration"]
     assert set(history[0]) == {"iteration", "train_seconds", "mse_after_0_steps", "mse_after_1_steps",
                                "mse_after_5_steps", "mse_after_10_steps"}
 

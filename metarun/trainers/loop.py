@@ -196,6 +196,15 @@ def train_loop(run, step: Step, save: Callable[[], Path],
     last_good = run.iteration
     clock = TrainClock(run.device, run.train_seconds, tr.max_minutes)
     start_iteration, start_seconds = run.iteration, run.train_seconds
+    if run.iteration < tr.iterations:  # a sitting: this call's stretch of training (a resume starts another)
+        run.sittings.append({"from_iteration": run.iteration, "to_iteration": run.iteration, "train_seconds": 0.0,
+                             "ms_per_iteration": None, "processes": distributed.world_size()})
+
+    def end_sitting_here() -> None:  # (before each checkpoint, so that it holds the sittings so far)
+        done = run.iteration - start_iteration
+        seconds = run.train_seconds - start_seconds
+        run.sittings[-1].update(to_iteration=run.iteration, train_seconds=seconds,
+                                ms_per_iteration=seconds / done * 1e3 if done else None)
     logged = (run.iteration, run.train_seconds)  # the last log's iteration and training seconds
     bar = tqdm(total=tr.iterations, initial=run.iteration, disable=not tr.progress or not distributed.is_main(),
                desc="meta-train",
@@ -239,6 +248,7 @@ def train_loop(run, step: Step, save: Callable[[], Path],
             if do_validate or do_save:
                 with clock.paused():  # validation and checkpoints do not count as training time
                     run.train_seconds = clock.seconds
+                    end_sitting_here()  # (validation may write best.pt)
                     if do_validate:
                         scores = validate(writer)
                         log.info("iteration %d (%.0f s of training, %.2f ms/iteration) validation %s", at,
@@ -256,6 +266,7 @@ def train_loop(run, step: Step, save: Callable[[], Path],
     if stop.now():  # (otherwise the last iteration saved, with the clock read)
         run.train_seconds = clock.read()
         if first_bad.item() < 0:
+            end_sitting_here()
             path = save()
             if path is not None:
                 log.info("%s received: saved %s at iteration %d", stop.now(), path, run.iteration)

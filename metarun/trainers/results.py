@@ -12,13 +12,19 @@ import torch
 from metarun.utils.checkpoint import atomic_file
 
 
-def training_summary(iterations: int, seconds: float | None, device: torch.device | None = None) -> dict:
+def training_summary(iterations: int, seconds: float | None, device: torch.device | None = None,
+                     sittings: list[dict] | None = None) -> dict:
     """The ``training`` entry of results.json: how long the evaluated run trained, and the run's peak
     memory (``peak_memory_mb``: the CUDA allocator's peak on a GPU, else the peak resident set, which
-    includes the dataset), counted from :func:`reset_peak_memory` at the run's start."""
+    includes the dataset), counted from :func:`reset_peak_memory` at the run's start. A resumed run
+    trained in several sittings, perhaps at very different speeds (another machine, other threads):
+    ``sittings`` lists each one's iterations and speed, and ``ms_per_iteration_last_sitting`` is
+    the speed of the latest, beside ``ms_per_iteration`` over all of them."""
     per = seconds / iterations * 1e3 if seconds is not None and iterations > 0 else None
+    sittings = list(sittings or [])
     return {"iterations": iterations, "train_seconds": seconds, "ms_per_iteration": per,
-            "peak_memory_mb": peak_memory_mb(device)}
+            "ms_per_iteration_last_sitting": sittings[-1]["ms_per_iteration"] if sittings else per,
+            "sittings": sittings, "peak_memory_mb": peak_memory_mb(device)}
 
 
 def reset_peak_memory() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,6 +49,7 @@ class RLRun:
     generators: dict[str, torch.Generator]
     iteration: int = 0
     train_seconds: float = 0.0  # wall-clock time of the meta-iterations, across resumes
+    sittings: list[dict] = field(default_factory=list)  # each stretch of training between resumes
     tasks_per_rank: int = 0  # this process's share of the meta-batch (all of it without torchrun)
     device: torch.device = torch.device("cpu")  # small policies and CPU simulators
 
@@ -84,7 +85,8 @@ def save(run: RLRun) -> Path | None:
         return None
     state = {"model": run.policy.state_dict(), "algorithm": run.algorithm.state_dict(), "optimizer": {},
              "iteration": run.iteration, "rng": rng,
-             "config": OmegaConf.to_container(run.cfg, resolve=True), "train_seconds": run.train_seconds}
+             "config": OmegaConf.to_container(run.cfg, resolve=True), "train_seconds": run.train_seconds,
+             "sittings": run.sittings}
     if ranks is not None:
         state["rng_ranks"] = ranks
     return checkpoint.save_atomic(state, run.run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST)
@@ -95,6 +97,7 @@ def restore(run: RLRun, state: dict) -> None:
     run.algorithm.load_state_dict(state.get("algorithm", {}))
     run.iteration = state["iteration"]
     run.train_seconds = state.get("train_seconds", 0.0)
+    run.sittings = [dict(s) for s in state.get("sittings", [])]
     ranks = state.get("rng_ranks") or [state["rng"]]
     if distributed.rank() < len(ranks):
         checkpoint.set_rng_state(ranks[distributed.rank()], run.generators)
@@ -152,7 +155,7 @@ def evaluate(run: RLRun) -> dict:
             "test_inner_lrs": list(alg.test_inner_lrs),
             "results": {"return": {f"after_{s}_steps": summarize(returns[s]) for s in range(len(per_step))}},
             "curve": {"return": [float(v) for v in returns.double().mean(dim=1)]},
-            "training": training_summary(run.iteration, run.train_seconds)}
+            "training": training_summary(run.iteration, run.train_seconds, sittings=run.sittings)}
 
 
 def adaptation_figure(results: dict):

@@ -62,6 +62,7 @@ class Run:
     best: float | None = None  # best validation score so far (selects checkpoints/best.pt)
     train_seconds: float = 0.0  # time spent in training steps, across resumes
     history: list[dict] = field(default_factory=list)  # every validation: iteration, seconds, scores
+    sittings: list[dict] = field(default_factory=list)  # each stretch of training between resumes
 
 
 # --- 1. set-up ------------------------------------------------------------------------------------
@@ -161,6 +162,7 @@ def save(run: Run, name: str = checkpoint.LAST) -> Path | None:
         "best": run.best,
         "train_seconds": run.train_seconds,
         "history": run.history,
+        "sittings": run.sittings,
     }
     if ranks is not None:  # every rank's task stream, to continue each on the same number of ranks
         state["rng_ranks"] = ranks
@@ -178,6 +180,7 @@ def restore(run: Run, state: dict) -> None:
     run.best = state.get("best")
     run.train_seconds = state.get("train_seconds", 0.0)
     run.history = list(state.get("history", []))
+    run.sittings = [dict(s) for s in state.get("sittings", [])]
     ranks = state.get("rng_ranks") or [state["rng"]]
     if distributed.rank() < len(ranks):
         checkpoint.set_rng_state(ranks[distributed.rank()], run.generators)
@@ -289,7 +292,7 @@ def evaluate(run: Run, chunk: int = 100) -> dict:
                "test_seed": tr.test_seed, "inner_lr": alg.inner_lr, "metric": name,
                "lower_is_better": run.task.lower_is_better, "headline": headline,
                "divergence_ratio": tr.divergence_ratio, "results": {}, "curve": {}}
-    results["training"] = training_summary(run.iteration, run.train_seconds, run.device)
+    results["training"] = training_summary(run.iteration, run.train_seconds, run.device, run.sittings)
     # where the run stopped (its last validation), which can be past the evaluated (best) checkpoint
     last = run.history[-1] if run.history else {"iteration": run.iteration, "train_seconds": run.train_seconds}
     results["training"]["iterations_reached"] = last["iteration"]
@@ -337,6 +340,7 @@ def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, ev
             run.model.load_state_dict(best_state["model"])
             run.algorithm.load_state_dict(best_state.get("algorithm", {}))
             run.iteration, run.train_seconds = best_state["iteration"], best_state.get("train_seconds")
+            run.sittings = best_state.get("sittings", [])
             log.info("evaluating the best validation checkpoint (iteration %d)", run.iteration)
     results = evaluate(run)
     if distributed.is_main():
