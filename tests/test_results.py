@@ -123,3 +123,24 @@ def test_evaluation_counts_diverged_tasks_as_a_per_task_autograd_loop_does():
             if math.isfinite(losses[:, steps].sum()):
                 assert got["mean"] == pytest.approx(float(losses[:, steps].mean()), rel=1e-9)
     assert seen_divergence  # the check can fail: this rate does blow some tasks up
+
+
+def test_the_hyperparameters_and_test_numbers_reach_tensorboards_hparams_dashboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    cfg = compose_config("debug=smoke", "algorithm.inner_lr=0.02", "trainer.test_tasks=4")
+    results = sup.run_supervised(cfg, tmp_path)
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["algorithm.inner_lr"].number_value == 0.02
+    assert start.hparams["algorithm.name"].string_value == "maml"
+    assert start.hparams["trainer.test_tasks"].number_value == 4
+    experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    tags = {m.name.tag for m in experiment.metric_infos}
+    assert "test/10-shot/after_10_steps" in tags and "test/5-shot/after_0_steps" in tags
+    (scalar,) = events.Scalars("test/10-shot/after_10_steps")  # the metric's value, in the same run
+    assert scalar.value == pytest.approx(results["results"]["10-shot"]["after_10_steps"]["mean"], rel=1e-6)
+    assert scalar.step == results["iteration"]

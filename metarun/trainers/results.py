@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from metarun.utils.checkpoint import atomic_file
 
@@ -88,12 +89,43 @@ def diverged_tasks(loss: torch.Tensor, ratio: float) -> torch.Tensor:
     return ~torch.isfinite(loss) | (loss > ratio * loss[:1])
 
 
-def write_results(run_dir: Path, results: dict) -> Path:
-    """``results.json`` in the run folder, written atomically."""
+def write_results(run_dir: Path, results: dict, cfg: DictConfig | None = None) -> Path:
+    """``results.json`` in the run folder, written atomically; given the run's config, also its
+    hyperparameters with the test numbers for TensorBoard's HParams dashboard."""
     path = run_dir / "results.json"
     with atomic_file(path) as f:
         f.write((json.dumps(results, indent=2) + "\n").encode())
+    if cfg is not None:
+        write_hparams(run_dir, cfg, results)
     return path
+
+
+def write_hparams(run_dir: Path, cfg: DictConfig, results: dict) -> None:
+    """The run's hyperparameters (every config key, flattened: ``algorithm.inner_lr``) and its test
+    means (``test/<K-shot>/after_<n>_steps``) in the run's own TensorBoard folder, for the HParams
+    dashboard, where the runs of a sweep can be sorted and filtered (``tensorboard --logdir
+    outputs/multirun/<sweep>``). Written into the run's event files rather than with
+    ``SummaryWriter.add_hparams``, which would make a second run of its own."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    flat: dict = {}
+
+    def walk(node: dict, prefix: str = "") -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:  # (TensorBoard takes numbers, strings and booleans)
+                flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+
+    walk(OmegaConf.to_container(cfg, resolve=True))
+    metrics = {f"test/{group}/{step}": cell["mean"] for group, row in results["results"].items()
+               for step, cell in row.items() if cell["mean"] is not None and math.isfinite(cell["mean"])}
+    with SummaryWriter(run_dir / "tb") as writer:
+        for summary in hparams(flat, metrics):
+            writer.file_writer.add_summary(summary)
+        for tag, value in metrics.items():
+            writer.add_scalar(tag, value, results["iteration"])
 
 
 def objective_cell(results: dict) -> tuple[str, dict]:

@@ -197,7 +197,7 @@ def run_rl(cfg: DictConfig, run_dir: Path, state: dict | None = None, eval_only:
         run.envs.close()
     if not distributed.is_main():
         return results
-    write_results(run_dir, results)
+    write_results(run_dir, results, cfg)
     with SummaryWriter(run_dir / "tb") as writer:
         writer.add_figure("test/return_vs_gradient_steps", adaptation_figure(results), run.iteration)
         for key, value in results["results"]["return"].items():

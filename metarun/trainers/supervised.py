@@ -344,7 +344,7 @@ def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, ev
             log.info("evaluating the best validation checkpoint (iteration %d)", run.iteration)
     results = evaluate(run)
     if distributed.is_main():
-        path = write_results(run.run_dir, results)
+        path = write_results(run.run_dir, results, run.cfg)
         print(results_table(results))
         log.info("results written to %s", path)
     return results
