@@ -69,3 +69,16 @@ def test_figure_has_the_paper_curves_adapted_by_the_running_algorithm():
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
     assert labels == ["ground truth", "5 points used for gradient", "pre-update", "1 grad step", "10 grad steps"]
     assert steps == [1, 10]
+
+
+def test_every_adapted_curve_has_its_own_colour_and_a_legend_entry():
+    from metarun.models import MLP
+
+    family, model = SinusoidTasks(), MLP()
+    params = dict(model.named_parameters())
+    fig = family.figure(model, params, torch.Generator().manual_seed(0), 5, lambda p, x, y, n: p, steps=(1, 2, 5, 10))
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines][3:] == ["1 grad step", "2 grad steps", "5 grad steps", "10 grad steps"]
+    assert len({line.get_color() for line in lines}) == len(lines)  # (it had drawn 3 steps at most, in greens)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [line.get_label() for line in lines]

@@ -111,12 +111,16 @@ class SinusoidTasks:
         truth = self.curve(batch.amplitude, batch.phase, grid)[0]
         params = {k: p.detach() for k, p in params.items()}
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(grid.cpu(), truth.cpu(), "r", label="ground truth")
-        ax.plot(sx.cpu(), sy.cpu(), "^", color="purple", label=f"{shots} points used for gradient")
-        ax.plot(grid.cpu(), functional_call(model, params, (grid,)).detach().cpu(), ":", color="lightgreen", label="pre-update")
-        for n, color in zip(steps, ("green", "darkgreen", "black")):
+        # colours from the colour-blind-safe tab10 cycle, one per curve, every curve in the legend
+        colors = iter(plt.get_cmap("tab10").colors)
+        ax.plot(grid.cpu(), truth.cpu(), "-", color=next(colors), lw=2, label="ground truth")
+        ax.plot(sx.cpu(), sy.cpu(), "^", color=next(colors), label=f"{shots} points used for gradient")
+        ax.plot(grid.cpu(), functional_call(model, params, (grid,)).detach().cpu(), ":", color=next(colors),
+                label="pre-update")
+        for n in steps:
             fast = adapt(params, sx, sy, n)
-            ax.plot(grid.cpu(), functional_call(model, fast, (grid,)).detach().cpu(), "--", color=color, label=f"{n} grad step{'s' * (n > 1)}")
+            ax.plot(grid.cpu(), functional_call(model, fast, (grid,)).detach().cpu(), "--", color=next(colors),
+                    label=f"{n} grad step{'s' * (n > 1)}")
         ax.set_xlabel("x")
         ax.set_ylabel("y")
         ax.legend(fontsize=7, loc="lower right")
