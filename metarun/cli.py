@@ -361,6 +361,13 @@ def _one_line(exc: BaseException) -> str:
         if isinstance(inner, MetarunError):
             return str(inner)
         inner = inner.__cause__ or inner.__context__
+    located = re.match(r"Error locating target '([^']+)'", str(exc))
+    if located and exc.__cause__ is not None:  # a user's own model or task whose module is not found
+        key = re.search(r"full_key: (\S+)", str(exc))
+        lines = str(exc.__cause__).splitlines()
+        why = lines[1] if len(lines) > 1 else lines[0] if lines else type(exc.__cause__).__name__
+        return (f"{key.group(1) + '.' if key else ''}_target_={located.group(1)} cannot be imported: {why}; install "
+                "its package, run metarun from the folder that holds it, or put that folder on PYTHONPATH")
     parts = [str(exc)]
     if exc.__cause__ is not None and isinstance(exc.__cause__, OmegaConfBaseException):
         parts.append(str(exc.__cause__))
@@ -453,6 +460,8 @@ def main() -> None:
         print(_version())
         return
     _register()
+    if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m metarun` does: a user's own module in
+        sys.path.append(os.getcwd())  # the current folder can be a _target_ (last: it shadows no installed package)
     full_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's printer
     args = sys.argv[1:] = _with_the_runs_task(sys.argv[1:])

@@ -191,7 +191,21 @@ def test_a_bug_inside_a_constructor_keeps_its_traceback(cli):
 
 
 def test_a_target_that_does_not_exist_is_one_line(cli):
-    assert_one_line_error(cli("model._target_=nosuch.Net"), "Error locating target 'nosuch.Net'")
+    assert_one_line_error(cli("model._target_=nosuch.Net"), "model._target_=nosuch.Net cannot be imported",
+                          "No module named 'nosuch'", "PYTHONPATH")
+    assert_one_line_error(cli("model._target_=metarun.models.NoSuchNet"), "metarun.models.NoSuchNet cannot be imported")
+
+
+def test_the_console_script_finds_a_users_model_in_the_current_folder(cli):
+    (cli.cwd / "my_nets.py").write_text(
+        "from metarun.models import MLP\n\n\nclass Wide(MLP):\n"
+        "    def __init__(self, **kwargs):\n        super().__init__(**{**kwargs, 'hidden_sizes': [64, 64]})\n")
+    script = Path(sys.executable).with_name("metarun")
+    proc = subprocess.run([str(script), "debug=smoke", "model._target_=my_nets.Wide"], capture_output=True, text=True,
+                          cwd=cli.cwd, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr
+    state = torch.load(only_run_dir(cli.cwd) / "checkpoints" / "last.pt", weights_only=False)
+    assert [v.shape[0] for k, v in state["model"].items() if k.endswith("weight")] == [64, 64, 1]
 
 
 def test_evaluate_keeps_the_runs_whole_validation_history(cli):
