@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -24,6 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metarun import distributed
 from metarun.distributed import DistributedError
+from metarun.trainers.results import flat_config
 from metarun.utils import checkpoint
 from metarun.utils.errors import DivergedError, MetarunError
 
@@ -139,18 +140,7 @@ def open_writer(run_dir: Path, cfg: DictConfig, iteration: int) -> SummaryWriter
 
 
 def hparams_markdown(cfg: DictConfig) -> str:
-    flat = OmegaConf.to_container(cfg, resolve=True)
-    rows = []
-
-    def walk(node, prefix=""):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                rows.append(f"|{prefix}{key}|{value}|")
-
-    walk(flat)
-    return "|key|value|\n|-|-|\n" + "\n".join(rows)
+    return "|key|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in flat_config(cfg).items())
 
 
 

@@ -100,6 +100,21 @@ def write_results(run_dir: Path, results: dict, cfg: DictConfig | None = None) -
     return path
 
 
+def flat_config(cfg: DictConfig) -> dict:
+    """The resolved config as one mapping of dotted keys (``algorithm.inner_lr``) to values."""
+    flat: dict = {}
+
+    def walk(node: dict, prefix: str = "") -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(OmegaConf.to_container(cfg, resolve=True))
+    return flat
+
+
 def write_hparams(run_dir: Path, cfg: DictConfig, results: dict) -> None:
     """The run's hyperparameters (every config key, flattened: ``algorithm.inner_lr``) and its test
     means (``test/<K-shot>/after_<n>_steps``) in the run's own TensorBoard folder, for the HParams
@@ -109,16 +124,8 @@ def write_hparams(run_dir: Path, cfg: DictConfig, results: dict) -> None:
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
 
-    flat: dict = {}
-
-    def walk(node: dict, prefix: str = "") -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:  # (TensorBoard takes numbers, strings and booleans)
-                flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
-
-    walk(OmegaConf.to_container(cfg, resolve=True))
+    flat = {key: value if isinstance(value, (bool, int, float, str)) else str(value)  # (what TensorBoard takes)
+            for key, value in flat_config(cfg).items()}
     metrics = {f"test/{group}/{step}": cell["mean"] for group, row in results["results"].items()
                for step, cell in row.items() if cell["mean"] is not None and math.isfinite(cell["mean"])}
     with SummaryWriter(run_dir / "tb") as writer:
