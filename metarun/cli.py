@@ -459,6 +459,10 @@ def main() -> None:
     if sys.argv[1:] == ["--version"]:  # Hydra's own --version would print Hydra's
         print(_version())
         return
+    if sys.argv[1:2] == ["report"]:  # tables and plots from run folders: not a run, no Hydra
+        from metarun import report
+
+        sys.exit(report.main(sys.argv[2:]))
     _register()
     if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m metarun` does: a user's own module in
         sys.path.append(os.getcwd())  # the current folder can be a _target_ (last: it shadows no installed package)

@@ -1,0 +1,618 @@
+"""``metarun report``: tables and plots from run folders and sweep folders.
+
+    metarun report outputs/multirun/2026-12-05_10-00-00          # a sweep
+    metarun report outputs/runs outputs/multirun --out report/   # any mix of folders, any depth
+    metarun report SWEEP --published published.yaml              # with the papers' numbers beside
+
+Every folder that holds a ``results.json`` is a run (found at any depth; ``.hydra/``, ``tb/`` and
+``checkpoints/`` are not looked into). Runs are grouped first by what they measured (the task and
+the trained shots: a table each, so mixed tasks give several tables), then by configuration: runs
+whose resolved configs differ only in the seed (and in where data and caches live) are one
+configuration, and their numbers are pooled over the seeds. The table's columns are the settings
+that differ between the configurations of a table: the command-line overrides where the runs
+recorded them, else the keys of the resolved config.
+
+Written to ``--out`` (default ``<folder>/report`` for one folder, else ``./report``):
+
+* ``report.md`` the tables in Markdown, headed by the command that made them; ``report.csv`` one
+  row per configuration with the raw numbers; the same tables are printed;
+* per table, PNG and SVG: the validation score against training time and against iterations (a
+  line per configuration, a band of one standard deviation over seeds), and the adaptation curve
+  (the test metric after 0..k inner steps; for meta-RL, the return against the number of gradient
+  steps, the MAML paper's Figure 5).
+
+In a cell, ``m ± s (n)`` is the mean over ``n`` seeds of each run's test mean and the standard
+deviation over the seeds; the ``per-run 95 % CI`` column gives each run's own interval (1.96
+sigma / sqrt(tasks), the paper protocol) for the table's headline cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from metarun.utils.errors import MetarunError
+
+
+class ReportError(MetarunError):
+    """A folder or file the report cannot use; the message names it."""
+
+
+# keys that say where things are or how they are shown, never what is measured: not a difference
+IGNORED = re.compile(r"^(seed|resume|evaluate|hydra\..*|task\.(data_dir|cache_dir|splits_dir|root|progress)"
+                     r"|trainer\.progress|debug)$")
+RUN_FILE = "results.json"
+NOT_RUNS = {".hydra", "tb", "checkpoints", ".submitit", "report"}
+
+
+@dataclass
+class Run:
+    """One run folder, as the report reads it."""
+
+    path: Path
+    results: dict
+    config: dict  # the resolved config, flattened (algorithm.inner_lr -> 0.01)
+    overrides: dict  # the command line's key=value overrides (.hydra/overrides.yaml), flattened likewise
+    info: dict  # run_info.json (versions, seed, argv); {} where there is none
+
+    @property
+    def seed(self):
+        return self.config.get("seed", self.info.get("seed"))
+
+    @property
+    def commit(self) -> str:
+        source = self.info.get("versions", {}).get("source")
+        if not source:
+            return "n/a"
+        return source["commit"][:7] + ("+dirty" if source.get("dirty") else "")
+
+    @property
+    def version(self) -> str:
+        return str(self.info.get("versions", {}).get("metarun", "n/a"))
+
+
+@dataclass
+class Configuration:
+    """Runs that differ only in the seed."""
+
+    settings: dict  # the table's columns: key -> value
+    runs: list[Run] = field(default_factory=list)
+
+
+@dataclass
+class Table:
+    """The configurations of one task and one trained setting, compared in one table."""
+
+    title: str
+    slug: str
+    metric: str
+    group: str  # the results.json entry shown (the trained K: "10-shot", "5-way 1-shot", "return")
+    lower_is_better: bool
+    columns: list[str]
+    configurations: list[Configuration]
+
+
+# --- reading run folders --------------------------------------------------------------------------
+
+
+def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Every run folder under ``paths`` (any depth), and the folders that look like runs that did
+    not finish (a config.yaml or checkpoint but no results.json)."""
+    found, unfinished = [], []
+    for root in paths:
+        if not root.exists():
+            raise ReportError(f"{root}: no such folder")
+        if root.is_file():
+            if root.name == RUN_FILE:
+                found.append(root.parent)
+                continue
+            raise ReportError(f"{root} is a file; give run folders or sweep folders (folders holding {RUN_FILE})")
+        for folder, subfolders, files in os.walk(root):
+            subfolders[:] = sorted(d for d in subfolders if d not in NOT_RUNS and not d.startswith("."))
+            here = Path(folder)
+            if RUN_FILE in files:
+                found.append(here)
+                subfolders[:] = []  # a run holds no runs
+            elif "run_info.json" in files or (here / "checkpoints").is_dir():
+                unfinished.append(here)
+    return sorted(dict.fromkeys(found)), unfinished
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in (node or {}).items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _overrides(path: Path) -> dict:
+    """The run's command-line overrides: ``algorithm=anil`` -> {"algorithm": "anil"}."""
+    from omegaconf import OmegaConf
+
+    file = path / ".hydra" / "overrides.yaml"
+    if not file.is_file():
+        return {}
+    out = {}
+    for line in OmegaConf.to_container(OmegaConf.load(file)) or []:
+        key, sep, value = str(line).partition("=")
+        if sep:
+            out[key.lstrip("+~")] = value
+    return out
+
+
+REQUIRED = ("task", "metric", "results")
+
+
+def read_run(path: Path) -> Run:
+    """A run folder's results.json, config and provenance; a :class:`ReportError` naming the file
+    where one cannot be read or was written by a metarun too old to report."""
+    from omegaconf import OmegaConf
+
+    file = path / RUN_FILE
+    try:
+        results = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{file} cannot be read ({' '.join(str(exc).split())})") from exc
+    missing = [key for key in REQUIRED if key not in results] if isinstance(results, dict) else list(REQUIRED)
+    shape_ok = not missing and all(isinstance(row, dict) and all(isinstance(c, dict) and "mean" in c
+                                                                  for c in row.values())
+                                   for row in results["results"].values())
+    if missing or not shape_ok:
+        what = f"no {', '.join(repr(k) for k in missing)}" if missing else "results in an older layout"
+        raise ReportError(f"{file} was written by an older metarun ({what}); evaluate the run again with this "
+                          f"version (metarun evaluate={path}) to report it")
+    config_file = path / "config.yaml"
+    config = _flatten(OmegaConf.to_container(OmegaConf.load(config_file))) if config_file.is_file() else {}
+    info_file = path / "run_info.json"
+    try:
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    except ValueError:
+        info = {}
+    return Run(path, results, config, _overrides(path), info)
+
+
+# --- grouping -------------------------------------------------------------------------------------
+
+
+def _headline(results: dict) -> str:
+    return results.get("headline") or next(iter(results["results"]))
+
+
+def _differing(runs: list[Run], keys_of) -> list[str]:
+    keys = sorted({key for run in runs for key in keys_of(run) if not IGNORED.match(key)})
+    return [key for key in keys if len({json.dumps(keys_of(run).get(key), sort_keys=True) for run in runs}) > 1]
+
+
+def group_runs(runs: list[Run]) -> list[Table]:
+    """A table per (task, trained setting); in each, a configuration per set of runs whose configs
+    differ only in the seed. Columns: the overrides that differ between the table's runs, then any
+    config key that still tells configurations apart (runs made with other command lines)."""
+    by_table: dict[tuple, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_table[(run.results["task"], _headline(run.results), run.results["metric"])].append(run)
+    tables = []
+    for (task, group, metric), members in sorted(by_table.items()):
+        columns = _differing(members, lambda r: r.overrides)
+        configs: dict[str, list[Run]] = defaultdict(list)
+        for run in members:  # the resolved config, minus seed and paths, identifies a configuration
+            key = json.dumps({k: v for k, v in run.config.items() if not IGNORED.match(k)}, sort_keys=True, default=str)
+            configs[key].append(run)
+        groups = list(configs.values())
+        if len({tuple(str(setting(g[0], c)) for c in columns) for g in groups}) < len(groups):
+            # configurations the overrides do not tell apart: the config keys that do, as columns too
+            extra = _differing([g[0] for g in groups], lambda r: r.config)
+            columns += [k for k in extra if k not in columns and not any(k.startswith(c + ".") for c in columns)]
+            if len({tuple(str(setting(g[0], c)) for c in columns) for g in groups}) < len(groups):
+                columns += [k for k in extra if k not in columns]
+        configurations = [Configuration({c: setting(g[0], c) for c in columns},
+                                        sorted(g, key=lambda r: (str(r.seed), str(r.path)))) for g in groups]
+        configurations.sort(key=lambda c: [_sort_key(c.settings[k]) for k in columns])
+        title = task if group in (metric, task) else f"{task}, {group}"
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", title).strip("_").lower()
+        tables.append(Table(title, slug, metric, group, bool(members[0].results.get("lower_is_better")),
+                            columns, configurations))
+    return tables
+
+
+def setting(run: Run, key: str):
+    """What a run set ``key`` to: its override, else its config's value (a group's chosen name for a
+    group override such as ``algorithm=anil``), else ``default``."""
+    for value in (run.overrides.get(key), run.config.get(key), run.config.get(f"{key}.name")):
+        if value is not None:
+            return value
+    return "default"
+
+
+def _sort_key(value):
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
+
+
+# --- numbers --------------------------------------------------------------------------------------
+
+
+def _steps(row: dict) -> list[int]:
+    return sorted(int(key.split("_")[1]) for key in row)  # after_<n>_steps
+
+
+@dataclass
+class Pooled:
+    mean: float | None
+    sd: float | None  # over seeds; None for a single run
+    n: int  # runs with a finite mean
+    runs: int  # runs in all
+    ci95: list  # each run's own 95 % half-width (None where not finite)
+
+
+def pooled(configuration: Configuration, group: str, step: int) -> Pooled:
+    """The test metric after ``step`` inner steps, pooled over the configuration's seeds."""
+    cells = [run.results["results"].get(group, {}).get(f"after_{step}_steps") for run in configuration.runs]
+    means = [c["mean"] for c in cells if c and c.get("mean") is not None and math.isfinite(c["mean"])]
+    sd = statistics.stdev(means) if len(means) >= 2 else None
+    return Pooled(statistics.fmean(means) if means else None, sd, len(means), len(cells),
+                  [c.get("ci95") if c else None for c in cells])
+
+
+def _mean_of(configuration: Configuration, getter) -> float | None:
+    values = []
+    for run in configuration.runs:
+        try:
+            value = getter(run.results)
+        except (KeyError, TypeError):
+            value = None
+        if value is not None:
+            values.append(float(value))
+    return statistics.fmean(values) if values else None
+
+
+def _training(key: str):
+    return lambda results: results["training"][key]
+
+
+def _iterations(results: dict):
+    training = results["training"]
+    return training.get("iterations_reached", training.get("iterations"))
+
+
+def _train_seconds(results: dict):
+    training = results["training"]
+    return training.get("train_seconds_reached", training.get("train_seconds"))
+
+
+def _ms(results: dict):
+    training = results["training"]
+    return training.get("ms_per_iteration_last_sitting", training.get("ms_per_iteration"))
+
+
+# --- text -----------------------------------------------------------------------------------------
+
+
+def _scale(metric: str) -> tuple[float, str]:
+    """Accuracy is shown in percent."""
+    return (100.0, " %") if metric == "accuracy" else (1.0, "")
+
+
+def _fmt(value: float | None, metric: str) -> str:
+    if value is None:
+        return "n/a"
+    factor, _ = _scale(metric)
+    value *= factor
+    if metric == "accuracy":
+        return f"{value:.2f}"
+    if value == 0 or 1e-2 <= abs(value) < 1e4:
+        return f"{value:.3f}"
+    return f"{value:.2e}"
+
+
+def _pooled_text(p: Pooled, metric: str) -> str:
+    if p.mean is None:
+        return "non-finite" if p.runs else "n/a"
+    text = _fmt(p.mean, metric)
+    if p.sd is not None:
+        text += f" ± {_fmt(p.sd, metric)}"
+    text += f" ({p.n})"
+    return text + (f" [{p.runs - p.n} non-finite]" if p.n < p.runs else "")
+
+
+def _ci_text(p: Pooled, metric: str) -> str:
+    return ", ".join("n/a" if c is None else "±" + _fmt(c, metric) for c in p.ci95)
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def table_rows(table: Table, published: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of a table as text cells."""
+    first = table.configurations[0].runs[0].results["results"][table.group]
+    steps = _steps(first)
+    factor, unit = _scale(table.metric)
+    header = [*table.columns, "seeds",
+              *[f"{table.metric}{unit} after {s} step{'s' * (s != 1)}" for s in steps],
+              f"per-run 95 % CI (after {steps[-1]})", "iterations", "train s", "ms/iter", "commit", "metarun"]
+    if published:
+        header.append("published")
+    rows = []
+    for conf in table.configurations:
+        cells = [_short(conf.settings[c]) for c in table.columns]
+        cells.append(",".join(str(r.seed) for r in conf.runs))
+        cells += [_pooled_text(pooled(conf, table.group, s), table.metric) for s in steps]
+        cells.append(_ci_text(pooled(conf, table.group, steps[-1]), table.metric))
+        iterations, seconds, ms = (_mean_of(conf, f) for f in (_iterations, _train_seconds, _ms))
+        cells += [f"{iterations:,.0f}" if iterations is not None else "n/a",
+                  f"{seconds:,.1f}" if seconds is not None else "n/a",
+                  f"{ms:,.2f}" if ms is not None else "n/a",
+                  ",".join(dict.fromkeys(r.commit for r in conf.runs)),
+                  ",".join(dict.fromkeys(r.version for r in conf.runs))]
+        if published:
+            match = published_for(conf, table, published)
+            cells.append("" if match is None else str(match["value"]) + (f" ({match['source']})"
+                                                                          if match.get("source") else ""))
+        rows.append(cells)
+    return header, rows
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    def esc(cell: str) -> str:
+        return cell.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plain(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
+
+
+def csv_rows(tables: list[Table], published: list[dict]) -> list[dict]:
+    """One row per configuration with the raw numbers (metric as stored: accuracy as a fraction)."""
+    out = []
+    for table in tables:
+        steps = _steps(table.configurations[0].runs[0].results["results"][table.group])
+        for conf in table.configurations:
+            row = {"table": table.title, "task": conf.runs[0].results["task"], "group": table.group,
+                   "metric": table.metric, **conf.settings, "seeds": " ".join(str(r.seed) for r in conf.runs),
+                   "runs": " ".join(str(r.path) for r in conf.runs)}
+            for s in steps:
+                p = pooled(conf, table.group, s)
+                row[f"after_{s}_steps_mean"], row[f"after_{s}_steps_sd"] = p.mean, p.sd
+                row[f"after_{s}_steps_n"] = p.n
+                row[f"after_{s}_steps_ci95_per_run"] = " ".join("" if c is None else repr(c) for c in p.ci95)
+            row.update(iterations=_mean_of(conf, _iterations), train_seconds=_mean_of(conf, _train_seconds),
+                       ms_per_iteration=_mean_of(conf, _ms),
+                       commit=" ".join(dict.fromkeys(r.commit for r in conf.runs)),
+                       metarun=" ".join(dict.fromkeys(r.version for r in conf.runs)))
+            if published:
+                match = published_for(conf, table, published)
+                row["published"] = None if match is None else match["value"]
+            out.append(row)
+    return out
+
+
+# --- published numbers ----------------------------------------------------------------------------
+
+
+def read_published(path: Path | None) -> list[dict]:
+    """``--published FILE``: a YAML list of entries ``{task, where: {config key: value}, value,
+    source}``; a configuration gets the first entry whose task and ``where`` keys match its
+    resolved config (``where`` may be left out)."""
+    if path is None:
+        return []
+    from omegaconf import OmegaConf
+
+    try:
+        entries = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as exc:  # (yaml's and OmegaConf's errors, a missing file)
+        raise ReportError(f"--published {path} cannot be read ({' '.join(str(exc).split())})") from exc
+    if not isinstance(entries, list):
+        raise ReportError(f"--published {path}: expected a YAML list of entries with task, value and optional where, "
+                          "source")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "task" not in entry or "value" not in entry:
+            raise ReportError(f"--published {path}: entry {i + 1} needs a task and a value (got {entry!r})")
+        if not isinstance(entry.get("where", {}), dict):
+            raise ReportError(f"--published {path}: entry {i + 1}'s where must map config keys to values")
+    return entries
+
+
+def published_for(conf: Configuration, table: Table, entries: list[dict]) -> dict | None:
+    config = conf.runs[0].config
+    for entry in entries:
+        if entry["task"] != conf.runs[0].results["task"]:
+            continue
+        if all(str(config.get(k)) == str(v) for k, v in (entry.get("where") or {}).items()):
+            return entry
+    return None
+
+
+# --- plots ----------------------------------------------------------------------------------------
+
+
+def _label(conf: Configuration, columns: list[str]) -> str:
+    return ", ".join(f"{c.rsplit('.', 1)[-1]}={_short(conf.settings[c])}" for c in columns) or "runs"
+
+
+def _band(ax, x, runs_y: list[list[float]], label: str, color) -> None:
+    """The mean over seeds as a line, one standard deviation as a band."""
+    import numpy as np
+
+    y = np.array(runs_y, dtype=float)
+    mean = np.nanmean(y, axis=0)
+    ax.plot(x, mean, marker="o", markersize=3, label=label, color=color)
+    if len(runs_y) > 1:
+        sd = np.nanstd(y, axis=0, ddof=1)
+        ax.fill_between(x, mean - sd, mean + sd, alpha=0.2, color=color)
+
+
+def _validation_key(run: Run) -> str | None:
+    history = run.results.get("validation") or []
+    keys = [k for k in (history[0] if history else {}) if re.fullmatch(r".+_after_\d+_steps", k)]
+    return max(keys, key=lambda k: int(k.rsplit("_", 2)[1])) if keys else None
+
+
+def plot_table(table: Table, out: Path) -> list[Path]:
+    """The table's figures, as PNG and SVG; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab10").colors
+    factor, unit = _scale(table.metric)
+    written = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        for ext in ("png", "svg"):
+            path = out / f"{table.slug}_{name}.{ext}"
+            fig.savefig(path, dpi=120)
+            written.append(path)
+        plt.close(fig)
+
+    # the validation score against training time and against iterations
+    key = _validation_key(table.configurations[0].runs[0])
+    if key is not None:
+        for axis, name, xlabel in (("train_seconds", "validation_vs_time", "training time (s)"),
+                                   ("iteration", "validation_vs_iterations", "iterations")):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for i, conf in enumerate(table.configurations):
+                histories = [r.results.get("validation") or [] for r in conf.runs]
+                length = min(len(h) for h in histories)
+                if length == 0:
+                    continue
+                # seeds validate at the same iterations; against time, each validation is placed at
+                # its mean time over the seeds
+                x = [statistics.fmean(float(h[j][axis]) for h in histories) for j in range(length)]
+                ys = [[math.nan if h[j].get(key) is None else h[j][key] * factor for j in range(length)]
+                      for h in histories]
+                _band(ax, x, ys, _label(conf, table.columns), colors[i % len(colors)])
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"validation {key.replace('_', ' ')}{unit}")
+            ax.set_title(f"{table.title}: validation (mean, band: ±1 sd over seeds)", fontsize=9)
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+            save(fig, name)
+
+    # the adaptation curve: the test metric after 0..k inner steps (meta-RL: return vs gradient steps)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, conf in enumerate(table.configurations):
+        curves = [r.results.get("curve", {}).get(table.group) for r in conf.runs]
+        curves = [c for c in curves if c]
+        if not curves:  # an older results.json without curves: the reported steps
+            row = conf.runs[0].results["results"][table.group]
+            steps = _steps(row)
+            ys = [[(r.results["results"][table.group][f"after_{s}_steps"]["mean"] or math.nan) * factor
+                   for s in steps] for r in conf.runs]
+        else:
+            length = min(len(c) for c in curves)
+            steps = list(range(length))
+            ys = [[math.nan if v is None else v * factor for v in c[:length]] for c in curves]
+        _band(ax, steps, ys, _label(conf, table.columns), colors[i % len(colors)])
+    rl = table.metric == "return"
+    ax.set_xlabel("number of gradient steps" if rl else "inner steps at test time")
+    ax.set_ylabel("average return" if rl else f"test {table.metric}{unit}")
+    ax.set_title(f"{table.title}: after adapting (mean over test tasks; band: ±1 sd over seeds)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    save(fig, "return_vs_gradient_steps" if rl else "adaptation")
+    return written
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def build(paths: list[Path], published_file: Path | None = None) -> tuple[list[Table], list[dict], list[str]]:
+    """The report's tables, the published entries and notes (runs that did not finish)."""
+    folders, unfinished = find_runs(paths)
+    if not folders:
+        where = ", ".join(map(str, paths))
+        hint = f" ({len(unfinished)} run folder(s) without one: not finished or stopped)" if unfinished else ""
+        raise ReportError(f"{where}: no run folder found (a folder holding {RUN_FILE}){hint}")
+    runs = [read_run(folder) for folder in folders]
+    notes = [f"{path}: no {RUN_FILE} (not finished, or stopped: see its metarun.log); left out" for path in unfinished]
+    return group_runs(runs), read_published(published_file), notes
+
+
+def render(tables: list[Table], published: list[dict], command: str) -> tuple[str, str]:
+    """The Markdown report and the printed one."""
+    md = [f"Made by `{command}`.", ""]
+    text = []
+    for table in tables:
+        header, rows = table_rows(table, published)
+        best = "lowest" if table.lower_is_better else "highest"
+        caption = (f"{table.title}: test {table.metric}, {table.configurations[0].runs[0].results.get('test_tasks')} "
+                   f"tasks per run; mean ± sd over seeds (number of seeds); {best} is best")
+        md += [f"### {table.title}", "", caption, "", markdown(header, rows), ""]
+        text += [caption, plain(header, rows), ""]
+    return "\n".join(md), "\n".join(text)
+
+
+def write(out: Path, md: str, rows: list[dict]) -> list[Path]:
+    from metarun.utils.checkpoint import atomic_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    written = []
+    for name, text in (("report.md", md + "\n"), ("report.csv", buffer.getvalue())):
+        with atomic_file(out / name) as f:
+            f.write(text.encode())
+        written.append(out / name)
+    return written
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metarun report", description=(
+        "Tables and plots from run folders and sweep folders (any mix, any depth): a table per task, a row per "
+        "configuration, seeds pooled; validation and adaptation plots as PNG and SVG."))
+    p.add_argument("folders", nargs="+", type=Path, help="run folders or folders holding them (a sweep, outputs/)")
+    p.add_argument("--out", type=Path, help="where report.md, report.csv and the plots go "
+                   "(default: FOLDER/report for one folder, else ./report)")
+    p.add_argument("--published", type=Path, help="a YAML list of published numbers: - {task: omniglot, where: "
+                   "{task.ways: 5, task.shots: 1}, value: 98.7, source: Finn et al. 2017}")
+    p.add_argument("--no-plots", action="store_true", help="tables only")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    out = args.out or (args.folders[0] / "report" if len(args.folders) == 1 and args.folders[0].is_dir()
+                       else Path("report"))
+    try:
+        tables, published, notes = build(args.folders, args.published)
+        command = "metarun report " + " ".join(argv)
+        md, text = render(tables, published, command)
+        written = write(out, md, csv_rows(tables, published))
+        if not args.no_plots:
+            for table in tables:
+                written += plot_table(table, out)
+    except (MetarunError, OSError) as exc:
+        detail = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
+        print(f"metarun report: error: {detail}", file=sys.stderr)
+        return 2
+    print(text)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"written: {out}/ ({', '.join(sorted({p.name for p in written}))})")
+    return 0

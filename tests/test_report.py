@@ -1,0 +1,145 @@
+"""``metarun report``: the tables' numbers against the run folders' results.json, the plots, a
+table per task, and one line for each kind of bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metarun import report
+
+pytestmark = pytest.mark.smoke
+
+SWEEP = ["debug=smoke", "algorithm.inner_lr=0.01,0.02", "algorithm.inner_steps=1,2", "seed=0,1",
+         "trainer.num_threads=1"]
+RL_RUN = ["task=navigation2d", "trainer.iterations=2", "algorithm.meta_batch_size=2", "algorithm.trajectories=3",
+          "task.horizon=8", "trainer.test_tasks=4", "algorithm.test_inner_lrs=[0.1,0.05]", "trainer.progress=false",
+          "trainer.num_threads=1"]
+
+
+def metarun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "metarun", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """A 2x2 sinusoid sweep with 2 seeds (8 runs, debug-short) and a meta-RL run, in one folder."""
+    root = tmp_path_factory.mktemp("report")
+    done = metarun("-m", *SWEEP, "hydra.sweep.dir=outputs/multirun/sweep", cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = metarun(*RL_RUN, "hydra.run.dir=outputs/runs/nav", cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return root / "outputs"
+
+
+def test_sweep_table_pools_seeds_as_the_results_say(runs, tmp_path):
+    sweep = runs / "multirun" / "sweep"
+    done = metarun("report", str(sweep), "--out", str(tmp_path), cwd=runs.parent)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    assert len(rows) == 4  # 2 x 2 configurations, the seeds pooled
+    jobs = [p for p in sweep.iterdir() if (p / "results.json").is_file()]
+    assert len(jobs) == 8
+    for row in rows:
+        assert row["seeds"] == "0 1"
+        mine = [p for p in jobs if f"algorithm.inner_lr={row['algorithm.inner_lr']}," in p.name
+                and f"algorithm.inner_steps={row['algorithm.inner_steps']}," in p.name]
+        assert len(mine) == 2
+        results = [json.loads((p / "results.json").read_text()) for p in mine]
+        for key in results[0]["results"]["10-shot"]:  # after_<n>_steps
+            means = [r["results"]["10-shot"][key]["mean"] for r in results]
+            assert float(row[f"{key}_mean"]) == pytest.approx(statistics.fmean(means), rel=1e-12)
+            assert float(row[f"{key}_sd"]) == pytest.approx(statistics.stdev(means), rel=1e-12)
+            cis = sorted(float(c) for c in row[f"{key}_ci95_per_run"].split())
+            assert cis == pytest.approx(sorted(r["results"]["10-shot"][key]["ci95"] for r in results), rel=1e-12)
+        assert float(row["iterations"]) == statistics.fmean(r["training"]["iterations_reached"] for r in results)
+        assert float(row["ms_per_iteration"]) == pytest.approx(
+            statistics.fmean(r["training"]["ms_per_iteration_last_sitting"] for r in results))
+        info = json.loads((mine[0] / "run_info.json").read_text())
+        assert row["commit"].startswith(info["versions"]["source"]["commit"][:7])
+        assert row["metarun"] == info["versions"]["metarun"]
+    # the printed table and the Markdown one: the differing overrides are the columns, not the seed
+    header = done.stdout.splitlines()[1].split()
+    assert header[:3] == ["algorithm.inner_lr", "algorithm.inner_steps", "seeds"]
+    md = (tmp_path / "report.md").read_text()
+    assert f"Made by `metarun report {sweep} --out {tmp_path}`" in md
+    assert md.count("\n| 0.0") == 4
+    for name in ("validation_vs_time", "validation_vs_iterations", "adaptation"):
+        assert (tmp_path / f"sinusoid_10_shot_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert b"<svg" in (tmp_path / f"sinusoid_10_shot_{name}.svg").read_bytes()[:500]
+
+
+def test_mixed_tasks_give_a_table_each_and_rl_its_return_figure(runs, tmp_path):
+    done = metarun("report", str(runs), "--out", str(tmp_path), "--no-plots", cwd=runs.parent)
+    assert done.returncode == 0, done.stderr
+    assert "sinusoid, 10-shot: test mse" in done.stdout and "navigation2d: test return" in done.stdout
+    tables, _, _ = report.build([runs])
+    rl = next(t for t in tables if t.metric == "return")
+    assert [len(c.runs) for c in rl.configurations] == [1]
+    nav = json.loads((runs / "runs" / "nav" / "results.json").read_text())
+    row = next(r for r in csv.DictReader((tmp_path / "report.csv").open()) if r["task"] == "navigation2d")
+    assert float(row["after_2_steps_mean"]) == pytest.approx(nav["results"]["return"]["after_2_steps"]["mean"])
+    assert row["after_2_steps_sd"] == ""  # one run: no spread over seeds
+    written = report.plot_table(rl, tmp_path)
+    assert {p.name for p in written} == {"navigation2d_return_vs_gradient_steps.png",
+                                         "navigation2d_return_vs_gradient_steps.svg"}
+
+
+def test_published_numbers_join_the_rows_they_match(runs, tmp_path):
+    published = tmp_path / "published.yaml"
+    published.write_text("- task: sinusoid\n  where: {algorithm.inner_lr: 0.01}\n  value: 0.35\n"
+                         "  source: Finn et al. 2017\n- task: navigation2d\n  value: -11.7\n")
+    done = metarun("report", str(runs), "--published", str(published), "--out", str(tmp_path), "--no-plots",
+                   cwd=runs.parent)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    assert {r["algorithm.inner_lr"]: r["published"] for r in rows if r["task"] == "sinusoid"} == {"0.01": "0.35",
+                                                                                                   "0.02": ""}
+    assert next(r["published"] for r in rows if r["task"] == "navigation2d") == "-11.7"
+    assert "0.35 (Finn et al. 2017)" in (tmp_path / "report.md").read_text()
+
+
+def test_bad_input_is_one_line_each(runs, tmp_path):
+    def line(*args: str) -> str:
+        done = metarun("report", *args, cwd=tmp_path)
+        assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        return done.stderr.strip()
+
+    assert line(str(tmp_path / "nowhere")) == f"metarun report: error: {tmp_path / 'nowhere'}: no such folder"
+    empty = tmp_path / "empty"
+    (empty / "a" / "b").mkdir(parents=True)
+    assert "no run folder found" in line(str(empty))
+    # an older results.json (no metric, cells of another shape): named, with what to do
+    old = tmp_path / "old"
+    shutil.copytree(runs / "runs" / "nav", old)
+    results = json.loads((old / "results.json").read_text())
+    del results["metric"]
+    (old / "results.json").write_text(json.dumps(results))
+    message = line(str(old))
+    assert f"{old / 'results.json'} was written by an older metarun" in message
+    assert f"metarun evaluate={old}" in message
+    (old / "results.json").write_text("{not json")
+    assert f"{old / 'results.json'} cannot be read" in line(str(old))
+    bad = tmp_path / "published.yaml"
+    bad.write_text("task: sinusoid\n")
+    assert "expected a YAML list" in line(str(runs / "runs"), "--published", str(bad))
+
+
+def test_a_run_that_did_not_finish_is_a_note_not_an_error(runs, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(runs / "runs" / "nav", mixed / "done")
+    (mixed / "stopped").mkdir()
+    shutil.copy(runs / "runs" / "nav" / "run_info.json", mixed / "stopped")
+    done = metarun("report", str(mixed), "--no-plots", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"note: {mixed / 'stopped'}: no results.json" in done.stdout
+    assert (mixed / "report" / "report.md").is_file()
