@@ -29,7 +29,8 @@ def settings(name: str, model_case: str, lr: float) -> dict:
     values = {"inner_lr": lr, "inner_steps": 2}
     if name == "mamlpp":  # every feature on (the sinusoid paper file, which the harness composes, fixes the rates)
         values["learned_rates"] = "true"
-        values["per_step_norm"] = str(model_case in ("mlp_bn_images", "conv4_omniglot", "conv4_maxpool")).lower()
+        values["per_step_norm"] = str(model_case in ("mlp_bn_images", "conv4_omniglot", "conv4_maxpool",
+                                                        "resnet12")).lower()
     if name == "imaml":
         values.update(inner_steps=3, cg_iterations=3)
     if name == "reptile":
