@@ -48,7 +48,6 @@ class FewShotTaskConfig:
     shots: int = 1
     queries: int = 1
     test_queries: int = 1
-    data_dir: str = "data"
     cache_dir: str = "~/.cache/metarun"
     progress: bool = True
 
@@ -57,6 +56,7 @@ class FewShotTaskConfig:
 class OmniglotTaskConfig(FewShotTaskConfig):
     _target_: str = "metarun.tasks.omniglot.OmniglotTasks"
     name: str = "omniglot"
+    data_dir: str = "data"
     split: str = "paper"
     split_seed: int = 1
     rotations: bool = True
@@ -69,8 +69,25 @@ class MiniImagenetTaskConfig(FewShotTaskConfig):
     name: str = "miniimagenet"
     queries: int = 15
     test_queries: int = 15
+    data_dir: str = "data"
     splits_dir: str | None = None
     images_per_class: int = 600
+
+
+@dataclass
+class ImageFolderTaskConfig(FewShotTaskConfig):
+    """A dataset of your own in class folders (tasks.image_folder.ImageFolderTasks, docs/your_data.md)."""
+
+    _target_: str = "metarun.tasks.image_folder.ImageFolderTasks"
+    name: str = "image_folder"
+    root: str | None = None  # the dataset folder: required (task.root=/data/cub); null: the task says so
+    image_size: int = 84
+    channels: int = 3  # 1 = grayscale, 3 = RGB
+    resize: bool = True  # false: refuse images that are not image_size x image_size
+    split_file: str | None = None  # CSV (class,split) or JSON, for root/<class>/ without split folders
+    images_per_class: int | None = None  # None: the smallest class's count in each split
+    queries: int = 15
+    test_queries: int = 15
 
 
 @dataclass
@@ -79,6 +96,13 @@ class Conv4Config:
     hidden: int = 64
     downsample: str = "stride"
     blocks: int = 4
+
+
+@dataclass
+class ResNet12Config:
+    _target_: str = "metarun.models.ResNet12"
+    channels: list[int] = field(default_factory=lambda: [64, 160, 320, 640])
+    leaky_slope: float = 0.1
 
 
 @dataclass
@@ -243,9 +267,11 @@ LOCOMOTION = ("halfcheetah_vel", "halfcheetah_dir", "ant_vel", "ant_dir")
 
 SCHEMAS = {  # (group, key that names the choice) -> {choice: schema}
     ("task", "name"): {"sinusoid": SinusoidTaskConfig, "omniglot": OmniglotTaskConfig,
-                         "miniimagenet": MiniImagenetTaskConfig, "navigation2d": Navigation2DTaskConfig,
+                         "miniimagenet": MiniImagenetTaskConfig, "image_folder": ImageFolderTaskConfig,
+                         "navigation2d": Navigation2DTaskConfig,
                          **{name: LocomotionTaskConfig for name in LOCOMOTION}},
     ("model", "_target_"): {"metarun.models.MLP": MLPConfig, "metarun.models.Conv4": Conv4Config,
+                            "metarun.models.ResNet12": ResNet12Config,
                             "metarun.models.GaussianPolicy": GaussianPolicyConfig},
     ("algorithm", "name"): {"maml": AlgorithmConfig, "fomaml": AlgorithmConfig, "anil": AlgorithmConfig,
                             "metasgd": MetaSGDConfig, "mamlpp": MAMLPlusPlusConfig, "reptile": ReptileConfig,
@@ -259,6 +285,9 @@ def typed(cfg: DictConfig) -> DictConfig:
     out = OmegaConf.merge(OmegaConf.structured(Config), {k: v for k, v in cfg.items() if k not in ("task", "model", "algorithm", "trainer")})
     for (group, key), table in SCHEMAS.items():
         choice = cfg[group].get(key)
+        if group == "model" and choice not in table:  # a user's own model (docs/your_data.md): its keys,
+            out[group] = cfg[group]  # unchecked, as when it was composed from the user's YAML (no schema)
+            continue
         if choice not in table:
             raise ConfigError(f"{group}.{key}={choice!r} is not known (known: {', '.join(sorted(table))})")
         out[group] = OmegaConf.merge(OmegaConf.structured(table[choice]), cfg[group])
@@ -317,8 +346,10 @@ def register_configs() -> None:
     cs.store(group="schema/task", name="sinusoid", node=SinusoidTaskConfig)
     cs.store(group="schema/task", name="omniglot", node=OmniglotTaskConfig)
     cs.store(group="schema/task", name="miniimagenet", node=MiniImagenetTaskConfig)
+    cs.store(group="schema/task", name="image_folder", node=ImageFolderTaskConfig)
     cs.store(group="schema/model", name="mlp", node=MLPConfig)
     cs.store(group="schema/model", name="conv4", node=Conv4Config)
+    cs.store(group="schema/model", name="resnet12", node=ResNet12Config)
     cs.store(group="schema/algorithm", name="maml", node=AlgorithmConfig)
     cs.store(group="schema/algorithm", name="metasgd", node=MetaSGDConfig)
     cs.store(group="schema/algorithm", name="mamlpp", node=MAMLPlusPlusConfig)
@@ -377,6 +408,16 @@ def validate(cfg: DictConfig) -> None:
         need(len(task.test_shots) > 0 and min(task.test_shots) >= 1, "task.test_shots", "a non-empty list of values >= 1", list(task.test_shots))
     if "test_queries" in task:
         need(task.test_queries >= 1, "task.test_queries", ">= 1", task.test_queries)
+    if "image_size" in task:
+        need(task.image_size >= 1, "task.image_size", ">= 1", task.image_size)
+        if cfg.model.get("_target_") == "metarun.models.Conv4" and cfg.model.downsample == "maxpool":
+            need(task.image_size >= 2 ** cfg.model.blocks, "task.image_size",
+                 f">= {2 ** cfg.model.blocks} for model.blocks={cfg.model.blocks} 2x2 max-pools (or model=conv4, "
+                 "stride 2, for smaller images)", task.image_size)
+    if "channels" in task:
+        need(task.channels in (1, 3), "task.channels", "1 (grayscale) or 3 (RGB)", task.channels)
+    if task.get("images_per_class", None) is not None:
+        need(task.images_per_class >= 1, "task.images_per_class", ">= 1 or null", task.images_per_class)
     need(tr.val_interval >= 1, "trainer.val_interval", ">= 1", tr.val_interval)
     need(tr.val_tasks >= 1, "trainer.val_tasks", ">= 1", tr.val_tasks)
     need(tr.divergence_ratio > 1, "trainer.divergence_ratio", "> 1", tr.divergence_ratio)
