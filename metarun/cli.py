@@ -368,6 +368,13 @@ def _one_line(exc: BaseException) -> str:
         why = lines[1] if len(lines) > 1 else lines[0] if lines else type(exc.__cause__).__name__
         return (f"{key.group(1) + '.' if key else ''}_target_={located.group(1)} cannot be imported: {why}; install "
                 "its package, run metarun from the folder that holds it, or put that folder on PYTHONPATH")
+    unexpected = re.search(r"Error in call to target '([^']+)'.*unexpected keyword argument '(\w+)'.*full_key: model\b",
+                           str(exc), re.DOTALL)
+    if unexpected:  # model._target_=my_nets.Net alone: the model group's file (conv4's hidden, ...) still applies
+        target, key = unexpected.groups()
+        return (f"model._target_={target} does not take the argument '{key}' (from the model group's file); for a "
+                f"model of your own give model=custom model._target_={target} (its arguments as +model.KEY=VALUE), "
+                "or a model/<name>.yaml of your own in a --config-dir folder")
     parts = [str(exc)]
     if exc.__cause__ is not None and isinstance(exc.__cause__, OmegaConfBaseException):
         parts.append(str(exc.__cause__))

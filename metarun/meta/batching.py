@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from metarun.types import LossFn, Params, TaskBatch
+from metarun.utils.errors import ConfigError
 
 ENGINES = {"vmap": "func", "loop": "autograd"}
 
@@ -44,6 +45,21 @@ def _stack(items: list):
     return torch.stack(items)
 
 
+def refuse_torch_batch_norm(model: nn.Module) -> None:
+    """A :class:`ConfigError` naming the model's first torch batch-norm layer, if it has one: under
+    vmap (which training may use, and evaluation always does) ``F.batch_norm`` gives second-order
+    meta-gradients that are off by percents (see :mod:`metarun.models.norm`) and cannot update its
+    running statistics at all; :class:`~metarun.models.BatchStatNorm` is the same normalisation,
+    exact under vmap."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise ConfigError(
+                f"the model has torch's batch norm ({name}: {type(module).__name__}), whose meta-gradients under vmap "
+                "are wrong (F.batch_norm: second order off by percents) and whose running statistics vmap cannot "
+                "update; normalise with metarun.models.BatchStatNorm (batch statistics, as MAML's code, exact under "
+                "vmap)")
+
+
 def resolve_batching(batching: str, device: torch.device, model: nn.Module, tasks: int = 2) -> str | None:
     """Turn ``batching="auto"`` into ``"vmap"`` or ``"loop"`` where the faster one is known.
 
@@ -57,6 +73,7 @@ def resolve_batching(batching: str, device: torch.device, model: nn.Module, task
     if batching != "auto":
         return batching
     if tasks == 1:
+        return "loop"
         return "loop"
     if device.type == "cuda":
         return "vmap"
