@@ -87,6 +87,7 @@ from metarun.data.cache import (
     save_cache,
     where_data_goes,
 )
+from metarun.data.images import RawImage, open_image
 
 log = logging.getLogger(__name__)
 
@@ -368,8 +369,28 @@ def _is_image(entry: os.DirEntry) -> bool:
     return entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES)
 
 
+def preprocess_image(image: RawImage) -> np.ndarray:
+    """One image exactly as the cache holds it (layouts (a) and (b)): converted to RGB and resized to
+    84x84 with PIL's LANCZOS filter. A model's input is this array channels first, divided by 255 in
+    the run's dtype (:meth:`metarun.api.Trained.preprocess` does both).
+
+    Args:
+        image: a JPEG (or any format PIL reads) of any size and colour mode: its bytes, a file path, a
+            binary file or a PIL image.
+
+    Returns:
+        uint8 array [84, 84, 3]. An image that is already 84x84 keeps its pixels.
+
+    Raises:
+        Exception: whatever PIL raises for a file it cannot decode.
+    """
+    with open_image(image) as opened:
+        rgb = opened.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+    return np.array(rgb, dtype=np.uint8)
+
+
 def decode_image(path: Path) -> np.ndarray:
-    """Decode one image file to MiniImagenet's format: RGB, resized to 84x84 with PIL's LANCZOS filter.
+    """Decode one image file to MiniImagenet's format (:func:`preprocess_image`).
 
     Args:
         path: a JPEG (or any format PIL reads) of any size and colour mode.
@@ -381,11 +402,9 @@ def decode_image(path: Path) -> np.ndarray:
         DataError: the file cannot be decoded; the message names it.
     """
     try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+        return preprocess_image(Path(path))
     except Exception as e:  # corrupt files raise many types: OSError, SyntaxError, ValueError, ...
         raise DataError(f"cannot decode MiniImagenet image {path} ({one_line(e)})") from e
-    return np.array(rgb, dtype=np.uint8)
 
 
 def _convert_images(plan: _ImagePlan, images_per_class: int, progress: bool) -> MiniImagenetData:

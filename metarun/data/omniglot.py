@@ -8,7 +8,9 @@ each character, every one a 105x105 black-on-white PNG.
 :func:`load_omniglot` reads them once, straight from the zips (or from the extracted folders), checks
 their structure, and turns every drawing into a 28x28 uint8 image with bright strokes on a black
 background (PIL LANCZOS on the grayscale image, then inverted). The result is saved as a single tensor
-in the cache folder, so later runs load it in about a second. The data folder is never written to: a
+in the cache folder, so later runs load it in about a second. :func:`preprocess_image` is that
+per-drawing transform, public so that a trained model sees a user's own drawings exactly as it saw
+the training set (:func:`metarun.load`). The data folder is never written to: a
 download (when the zips are not found) also goes to the cache folder.
 
 :func:`omniglot_splits` gives the train/val/test characters of the MAML paper or of Vinyals et al.
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import logging
 import random
 import urllib.error
@@ -52,6 +53,7 @@ from metarun.data.cache import (
     save_cache,
     where_data_goes,
 )
+from metarun.data.images import RawImage, open_image
 from metarun.utils.checkpoint import atomic_file
 
 log = logging.getLogger(__name__)
@@ -288,23 +290,37 @@ def _download_missing(missing: list[str], data_dir: Path, cache_dir: Path, progr
 # Preprocessing
 
 
-class _WrongSize(Exception):
+class _WrongSize(DataError):
     """A readable image of the wrong size."""
 
 
-def _to_28x28(png: bytes) -> np.ndarray:
-    """Decode one PNG, check its size, resize it to 28x28 (LANCZOS on grayscale) and invert it.
+def preprocess_image(image: RawImage) -> np.ndarray:
+    """One Omniglot drawing exactly as training sees it: decoded, checked to be 105x105, converted to
+    grayscale, resized to 28x28 with PIL's LANCZOS filter and inverted (bright strokes on black).
+
+    This is the function that builds the dataset cache, so ``preprocess_image(png)`` equals the cached
+    image of that drawing; a model's input is this array divided by 255 in the run's dtype
+    (:meth:`metarun.api.Trained.preprocess` does both).
+
+    Args:
+        image: the drawing as PNG bytes, a file path, a binary file or a PIL image (105x105, as every
+            official Omniglot file, including the one-shot runs of ``all_runs.zip``).
+
+    Returns:
+        uint8 array [28, 28]: strokes 255, background 0.
 
     Raises:
-        _WrongSize: the image is not 105x105 (the message says its size).
+        DataError: the image is not 105x105 (the message says its size).
         Exception: whatever PIL raises for an unreadable file.
     """
-    with Image.open(io.BytesIO(png)) as image:
-        image.load()
-        if image.size != (SOURCE_SIZE, SOURCE_SIZE):
-            raise _WrongSize(f"image is {image.size[0]}x{image.size[1]}, expected {SOURCE_SIZE}x{SOURCE_SIZE}")
-        small = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
+    with open_image(image) as opened:
+        if opened.size != (SOURCE_SIZE, SOURCE_SIZE):
+            raise _WrongSize(f"image is {opened.size[0]}x{opened.size[1]}, expected {SOURCE_SIZE}x{SOURCE_SIZE}")
+        small = opened.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
     return 255 - np.asarray(small, dtype=np.uint8)
+
+
+_to_28x28 = preprocess_image  # the former private name, kept for existing callers
 
 
 def _decode_all(sources: list[tuple[_Source, dict[str, dict[str, list[str]]]]],
@@ -322,7 +338,7 @@ def _decode_all(sources: list[tuple[_Source, dict[str, dict[str, list[str]]]]],
                 relative = f"{alphabet}/{character}/{drawing}"
                 png = source.read(relative)  # a DataError of its own when the file cannot be read
                 try:
-                    images[row, j] = _to_28x28(png)
+                    images[row, j] = preprocess_image(png)
                 except _WrongSize as e:
                     raise DataError(f"{source.path}: {relative}: {e}") from e
                 except UnidentifiedImageError as e:  # PIL's message names only its in-memory buffer
