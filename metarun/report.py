@@ -37,6 +37,7 @@ import os
 import re
 import statistics
 import sys
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,6 +258,9 @@ class Pooled:
     n: int  # runs with a finite mean
     runs: int  # runs in all
     ci95: list  # each run's own 95 % half-width (None where not finite)
+    diverged: list  # each run's number of diverged test tasks (None where results.json has no count)
+    without: float | None = None  # the mean over seeds of each run's mean without its diverged tasks
+    without_sd: float | None = None
 
 
 def pooled(configuration: Configuration, group: str, step: int) -> Pooled:
@@ -264,8 +268,11 @@ def pooled(configuration: Configuration, group: str, step: int) -> Pooled:
     cells = [run.results["results"].get(group, {}).get(f"after_{step}_steps") for run in configuration.runs]
     means = [c["mean"] for c in cells if c and c.get("mean") is not None and math.isfinite(c["mean"])]
     sd = statistics.stdev(means) if len(means) >= 2 else None
+    kept = [c.get("mean_without_diverged") for c in cells if c]
+    kept = [k for k in kept if k is not None and math.isfinite(k)]
     return Pooled(statistics.fmean(means) if means else None, sd, len(means), len(cells),
-                  [c.get("ci95") if c else None for c in cells])
+                  [c.get("ci95") if c else None for c in cells], [c.get("diverged_tasks") if c else None for c in cells],
+                  statistics.fmean(kept) if kept else None, statistics.stdev(kept) if len(kept) >= 2 else None)
 
 
 def _mean_of(configuration: Configuration, getter) -> float | None:
@@ -324,7 +331,10 @@ def _pooled_text(p: Pooled, metric: str) -> str:
         return "non-finite" if p.runs else "n/a"
     text = _fmt(p.mean, metric)
     if p.sd is not None:
-        text += f" ± {_fmt(p.sd, metric)}"
+        spread = _fmt(p.sd, metric)
+        if "e" not in text and "e" in spread:  # a spread far below the mean: in the mean's decimals
+            spread = f"{p.sd * _scale(metric)[0]:.{len(text.split('.')[-1])}f}"
+        text += f" ± {spread}"
     text += f" ({p.n})"
     return text + (f" [{p.runs - p.n} non-finite]" if p.n < p.runs else "")
 
@@ -346,6 +356,10 @@ def table_rows(table: Table, published: list[dict]) -> tuple[list[str], list[lis
     header = [*table.columns, "seeds",
               *[f"{table.metric}{unit} after {s} step{'s' * (s != 1)}" for s in steps],
               f"per-run 95 % CI (after {steps[-1]})", "iterations", "train s", "ms/iter", "commit", "metarun"]
+    diverging = _diverging(table, steps[-1])
+    if diverging:  # a few diverged test tasks can dominate a mean: how many, and the mean without them
+        header[len(table.columns) + 1 + len(steps):len(table.columns) + 1 + len(steps)] = [
+            f"diverged tasks per run (after {steps[-1]})", f"after {steps[-1]}, without diverged tasks"]
     if published:
         header.append("published")
     rows = []
@@ -353,7 +367,12 @@ def table_rows(table: Table, published: list[dict]) -> tuple[list[str], list[lis
         cells = [_short(conf.settings[c]) for c in table.columns]
         cells.append(",".join(str(r.seed) for r in conf.runs))
         cells += [_pooled_text(pooled(conf, table.group, s), table.metric) for s in steps]
-        cells.append(_ci_text(pooled(conf, table.group, steps[-1]), table.metric))
+        last = pooled(conf, table.group, steps[-1])
+        if diverging:
+            cells.append(",".join("n/a" if d is None else str(d) for d in last.diverged))
+            cells.append(_pooled_text(Pooled(last.without, last.without_sd, len(last.ci95), len(last.ci95), [], []),
+                                      table.metric))
+        cells.append(_ci_text(last, table.metric))
         iterations, seconds, ms = (_mean_of(conf, f) for f in (_iterations, _train_seconds, _ms))
         cells += [f"{iterations:,.0f}" if iterations is not None else "n/a",
                   f"{seconds:,.1f}" if seconds is not None else "n/a",
@@ -366,6 +385,10 @@ def table_rows(table: Table, published: list[dict]) -> tuple[list[str], list[lis
                                                                           if match.get("source") else ""))
         rows.append(cells)
     return header, rows
+
+
+def _diverging(table: Table, step: int) -> bool:
+    return any(d for conf in table.configurations for d in pooled(conf, table.group, step).diverged)
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -396,6 +419,8 @@ def csv_rows(tables: list[Table], published: list[dict]) -> list[dict]:
                 row[f"after_{s}_steps_mean"], row[f"after_{s}_steps_sd"] = p.mean, p.sd
                 row[f"after_{s}_steps_n"] = p.n
                 row[f"after_{s}_steps_ci95_per_run"] = " ".join("" if c is None else repr(c) for c in p.ci95)
+                row[f"after_{s}_steps_diverged_per_run"] = " ".join("" if d is None else str(d) for d in p.diverged)
+                row[f"after_{s}_steps_mean_without_diverged"] = p.without
             row.update(iterations=_mean_of(conf, _iterations), train_seconds=_mean_of(conf, _train_seconds),
                        ms_per_iteration=_mean_of(conf, _ms),
                        commit=" ".join(dict.fromkeys(r.commit for r in conf.runs)),
@@ -455,17 +480,29 @@ def _band(ax, x, runs_y: list[list[float]], label: str, color) -> None:
     import numpy as np
 
     y = np.array(runs_y, dtype=float)
-    mean = np.nanmean(y, axis=0)
+    y[~np.isfinite(y)] = np.nan  # (a diverged run: a gap in its line, not a warning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column is a gap
+        mean = np.nanmean(y, axis=0)
+        sd = np.nanstd(y, axis=0, ddof=1) if len(runs_y) > 1 else None
     ax.plot(x, mean, marker="o", markersize=3, label=label, color=color)
-    if len(runs_y) > 1:
-        sd = np.nanstd(y, axis=0, ddof=1)
+    if sd is not None:
         ax.fill_between(x, mean - sd, mean + sd, alpha=0.2, color=color)
 
 
-def _validation_key(run: Run) -> str | None:
+def _history(run: Run) -> tuple[list[dict], str | None, str]:
+    """The run's score during training: its validations (the score after the most inner steps),
+    or for meta-RL, which does not validate, the meta-batch's return after adapting at each logged
+    iteration. Returns the entries, the key of the score in them and the axis label."""
     history = run.results.get("validation") or []
     keys = [k for k in (history[0] if history else {}) if re.fullmatch(r".+_after_\d+_steps", k)]
-    return max(keys, key=lambda k: int(k.rsplit("_", 2)[1])) if keys else None
+    if keys:
+        key = max(keys, key=lambda k: int(k.rsplit("_", 2)[1]))
+        return history, key, f"validation {key.replace('_', ' ')}"
+    log = run.results.get("training_log") or []
+    if log and "return_post_update" in log[0]:
+        return log, "return_post_update", "training return after adapting (meta-batch)"
+    return [], None, ""
 
 
 def plot_table(table: Table, out: Path) -> list[Path]:
@@ -488,13 +525,14 @@ def plot_table(table: Table, out: Path) -> list[Path]:
         plt.close(fig)
 
     # the validation score against training time and against iterations
-    key = _validation_key(table.configurations[0].runs[0])
+    _, key, ylabel = _history(table.configurations[0].runs[0])
     if key is not None:
-        for axis, name, xlabel in (("train_seconds", "validation_vs_time", "training time (s)"),
-                                   ("iteration", "validation_vs_iterations", "iterations")):
+        prefix = "validation" if ylabel.startswith("validation") else "training_return"
+        for axis, name, xlabel in (("train_seconds", f"{prefix}_vs_time", "training time (s)"),
+                                   ("iteration", f"{prefix}_vs_iterations", "iterations")):
             fig, ax = plt.subplots(figsize=(6, 4))
             for i, conf in enumerate(table.configurations):
-                histories = [r.results.get("validation") or [] for r in conf.runs]
+                histories = [_history(r)[0] for r in conf.runs]
                 length = min(len(h) for h in histories)
                 if length == 0:
                     continue
@@ -505,8 +543,8 @@ def plot_table(table: Table, out: Path) -> list[Path]:
                       for h in histories]
                 _band(ax, x, ys, _label(conf, table.columns), colors[i % len(colors)])
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(f"validation {key.replace('_', ' ')}{unit}")
-            ax.set_title(f"{table.title}: validation (mean, band: ±1 sd over seeds)", fontsize=9)
+            ax.set_ylabel(ylabel + unit)
+            ax.set_title(f"{table.title}: {ylabel.split(' ')[0]} (mean, band: ±1 sd over seeds)", fontsize=9)
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
             save(fig, name)

@@ -89,8 +89,11 @@ def test_mixed_tasks_give_a_table_each_and_rl_its_return_figure(runs, tmp_path):
     assert float(row["after_2_steps_mean"]) == pytest.approx(nav["results"]["return"]["after_2_steps"]["mean"])
     assert row["after_2_steps_sd"] == ""  # one run: no spread over seeds
     written = report.plot_table(rl, tmp_path)
-    assert {p.name for p in written} == {"navigation2d_return_vs_gradient_steps.png",
-                                         "navigation2d_return_vs_gradient_steps.svg"}
+    # the paper's Figure 5 form, and the training curve (meta-RL does not validate)
+    assert {p.name for p in written} == {f"navigation2d_{name}.{ext}" for ext in ("png", "svg") for name in
+                                         ("return_vs_gradient_steps", "training_return_vs_time",
+                                          "training_return_vs_iterations")}
+    assert [e["iteration"] for e in nav["training_log"]] == [1, 2]
 
 
 def test_published_numbers_join_the_rows_they_match(runs, tmp_path):
@@ -143,3 +146,22 @@ def test_a_run_that_did_not_finish_is_a_note_not_an_error(runs, tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"note: {mixed / 'stopped'}: no results.json" in done.stdout
     assert (mixed / "report" / "report.md").is_file()
+
+
+def test_diverged_tasks_get_their_count_and_the_mean_without_them(runs, tmp_path):
+    sweep = tmp_path / "sweep"
+    jobs = sorted(p for p in (runs / "multirun" / "sweep").iterdir() if (p / "results.json").is_file())[:2]
+    for i, job in enumerate(jobs):  # the two seeds of one configuration; seed 1 had 3 diverged test tasks
+        shutil.copytree(job, sweep / job.name)
+        if i == 1:
+            results = json.loads((job / "results.json").read_text())
+            cell = results["results"]["10-shot"]["after_10_steps"]
+            cell.update(mean=1e9, diverged_tasks=3, mean_without_diverged=0.5)
+            (sweep / job.name / "results.json").write_text(json.dumps(results))
+    tables, _, _ = report.build([sweep])
+    header, rows = report.table_rows(tables[0], [])
+    first = json.loads((jobs[0] / "results.json").read_text())["results"]["10-shot"]["after_10_steps"]
+    assert rows[0][header.index("diverged tasks per run (after 10)")] == f"{first['diverged_tasks']},3"
+    pooled = report.pooled(tables[0].configurations[0], "10-shot", 10)
+    assert pooled.without == pytest.approx((first["mean_without_diverged"] + 0.5) / 2)
+    assert pooled.mean == pytest.approx((first["mean"] + 1e9) / 2)

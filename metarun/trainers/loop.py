@@ -232,6 +232,8 @@ def train_loop(run, step: Step, save: Callable[[], Path],
                             writer.add_scalar(f"train/{key}", value, at)
                         writer.add_scalar("train/iterations_per_s", (at - logged[0]) / max(seconds - logged[1], 1e-9), at)
                     logged = (at, seconds)
+                    if getattr(run, "training_log", None) is not None:  # (meta-RL: its curve in results.json)
+                        run.training_log.append({"iteration": at, "train_seconds": seconds, **means})
                     bar.set_postfix({short: f"{means[key]:.4g}" for short, key in (postfix or {}).items()})
                     if log_lines:
                         log.info("iteration %d %s", at, " ".join(f"{k}={v:.4g}" for k, v in means.items()))

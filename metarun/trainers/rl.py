@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from metarun import distributed
+from metarun import __version__, distributed
 from metarun.algorithms.maml_trpo import MAMLTRPO, check_finite
 from metarun.meta import policy_gradient as pg
 from metarun.trainers.loop import train_loop
@@ -52,6 +52,8 @@ class RLRun:
     sittings: list[dict] = field(default_factory=list)  # each stretch of training between resumes
     tasks_per_rank: int = 0  # this process's share of the meta-batch (all of it without torchrun)
     device: torch.device = torch.device("cpu")  # small policies and CPU simulators
+    model_kwargs: dict = field(default_factory=dict)  # the policy's sizes, from the environments
+    training_log: list[dict] = field(default_factory=list)  # every logged iteration's statistics (the returns)
 
 
 # --- 1. set-up ------------------------------------------------------------------------------------
@@ -64,13 +66,15 @@ def setup(cfg: DictConfig, run_dir: Path) -> RLRun:
     log.info("cpu_threads=%d", set_threads(cfg.trainer.num_threads))
     seed_everything(cfg.seed)
     envs = instantiate(cfg.task)
-    policy = instantiate(cfg.model, obs_dim=envs.obs_dim, act_dim=envs.act_dim)
+    model_kwargs = {"obs_dim": int(envs.obs_dim), "act_dim": int(envs.act_dim)}  # sizes from the environments
+    policy = instantiate(cfg.model, **model_kwargs)
     # under torchrun each rank samples its share of the tasks from streams of its own (rank 0's are
     # a single process's)
     generators = {"tasks": torch.Generator().manual_seed(distributed.rank_seed(cfg.seed)),
                   "actions": torch.Generator().manual_seed(distributed.rank_seed(cfg.seed + 1))}
     run = RLRun(cfg, run_dir, envs, policy, MAMLTRPO(cfg.algorithm, policy), generators)
     run.tasks_per_rank = distributed.check_meta_batch(cfg.algorithm.meta_batch_size)
+    run.model_kwargs = model_kwargs
     return run
 
 
@@ -86,7 +90,9 @@ def save(run: RLRun) -> Path | None:
     state = {"model": run.policy.state_dict(), "algorithm": run.algorithm.state_dict(), "optimizer": {},
              "iteration": run.iteration, "rng": rng,
              "config": OmegaConf.to_container(run.cfg, resolve=True), "train_seconds": run.train_seconds,
-             "sittings": run.sittings}
+             "sittings": run.sittings, "training_log": run.training_log,
+             # the policy's sizes (from the environments), so metarun.load rebuilds it from the checkpoint alone
+             "model_kwargs": dict(run.model_kwargs), "metarun_version": __version__}
     if ranks is not None:
         state["rng_ranks"] = ranks
     return checkpoint.save_atomic(state, run.run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST)
@@ -98,6 +104,7 @@ def restore(run: RLRun, state: dict) -> None:
     run.iteration = state["iteration"]
     run.train_seconds = state.get("train_seconds", 0.0)
     run.sittings = [dict(s) for s in state.get("sittings", [])]
+    run.training_log = [dict(s) for s in state.get("training_log", [])]
     ranks = state.get("rng_ranks") or [state["rng"]]
     if distributed.rank() < len(ranks):
         checkpoint.set_rng_state(ranks[distributed.rank()], run.generators)
@@ -155,7 +162,9 @@ def evaluate(run: RLRun) -> dict:
             "test_inner_lrs": list(alg.test_inner_lrs),
             "results": {"return": {f"after_{s}_steps": summarize(returns[s]) for s in range(len(per_step))}},
             "curve": {"return": [float(v) for v in returns.double().mean(dim=1)]},
-            "training": training_summary(run.iteration, run.train_seconds, sittings=run.sittings)}
+            "training": training_summary(run.iteration, run.train_seconds, sittings=run.sittings),
+            # the training curve: the meta-batch's return before and after adapting, every log_interval
+            "training_log": run.training_log}
 
 
 def adaptation_figure(results: dict):

@@ -22,9 +22,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from metarun import distributed
+from metarun import __version__, distributed
 from metarun.algorithms import Algorithm, build
-from metarun.meta import resolve_batching
+from metarun.meta import refuse_torch_batch_norm, resolve_batching
 from metarun.trainers.graphed import GraphedMetaStep
 from metarun.trainers.loop import train_loop
 from metarun.trainers.results import (
@@ -78,6 +78,7 @@ def setup(cfg: DictConfig, run_dir: Path, batching: str | None = None) -> Run:
     task = instantiate(cfg.task, device=device, dtype=dtype)
     # sizes that follow from the task (e.g. out_features = ways) are passed in, not configured
     model = instantiate(cfg.model, **getattr(task, "model_kwargs", {})).to(device=device, dtype=dtype)
+    refuse_torch_batch_norm(model)  # (a user's model: its meta-gradients under vmap would be wrong)
     algorithm = build(cfg.algorithm, model, task.loss_fn).to(device=device, dtype=dtype)
     if cfg.trainer.cuda_graph and device.type != "cuda":
         raise ConfigError(f"trainer.cuda_graph=true needs a CUDA device, but the run is on {device}")
@@ -158,6 +159,10 @@ def save(run: Run, name: str = checkpoint.LAST) -> Path | None:
         "iteration": run.iteration,
         "rng": rng,
         "config": OmegaConf.to_container(run.cfg, resolve=True),
+        # the sizes the task passed to the model (out_features = ways, image shape; none for sinusoid), so
+        # metarun.load rebuilds the model from the checkpoint alone, without loading the dataset
+        "model_kwargs": dict(getattr(run.task, "model_kwargs", {})),
+        "metarun_version": __version__,
         "batching": run.batching,
         "best": run.best,
         "train_seconds": run.train_seconds,
