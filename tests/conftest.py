@@ -49,6 +49,16 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None =
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (small decodes and models: threads only add overhead), then
+    the number there was before."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def cli(tmp_path):
     def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
         return run_cli(list(args), tmp_path, **kwargs)

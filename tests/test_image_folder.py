@@ -32,6 +32,7 @@ SOURCE_SIZE = 16
 
 unit = pytest.mark.unit
 smoke = pytest.mark.smoke
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def class_name(split: str, c: int) -> str:
@@ -85,14 +86,6 @@ def reference(path: Path, size: int, mode: str = "RGB") -> torch.Tensor:
 
 def files_of(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from metarun.data import miniimagenet as mi
 from metarun.data.cache import DataError
 from metarun.data.miniimagenet import CACHE_NAME, PICKLE_NAMES, SPLITS, load_miniimagenet, read_split_csvs
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 # Deliberately unsorted: the loader must sort them.
 CLASSES = {
@@ -39,14 +39,6 @@ LAYOUTS = ["csv", "folders", "pickle"]
 
 # split -> wnid -> [(file name, JPEG bytes)], in the order the loader should keep them
 Source = dict[str, dict[str, list[tuple[str, bytes]]]]
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_source(sizes: list[tuple[int, int]], seed: int = 0) -> Source:
