@@ -517,6 +517,11 @@ def plot_table(table: Table, out: Path) -> list[Path]:
     written = []
 
     def save(fig, name: str) -> None:
+        ax = fig.axes[0]
+        values = [v for line in ax.get_lines() for v in line.get_ydata() if math.isfinite(v)]
+        if values and min(values) > 0 and max(values) / min(values) > 100:  # diverged tasks dwarf the rest
+            ax.set_yscale("log")
+            ax.set_ylabel(ax.get_ylabel() + " (log scale)")
         fig.tight_layout()
         for ext in ("png", "svg"):
             path = out / f"{table.slug}_{name}.{ext}"
@@ -598,7 +603,7 @@ def render(tables: list[Table], published: list[dict], command: str) -> tuple[st
         best = "lowest" if table.lower_is_better else "highest"
         caption = (f"{table.title}: test {table.metric}, {table.configurations[0].runs[0].results.get('test_tasks')} "
                    f"tasks per run; mean ± sd over seeds (number of seeds); {best} is best")
-        md += [f"### {table.title}", "", caption, "", markdown(header, rows), ""]
+        md += [f"### {table.title}", "", caption.split(": ", 1)[1].capitalize() + ".", "", markdown(header, rows), ""]
         text += [caption, plain(header, rows), ""]
     return "\n".join(md), "\n".join(text)
 
@@ -620,8 +625,13 @@ def write(out: Path, md: str, rows: list[dict]) -> list[Path]:
     return written
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, as every metarun error (argparse adds its usage)
+        self.exit(2, f"metarun report: error: {message} (metarun report --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="metarun report", description=(
+    p = _Parser(prog="metarun report", description=(
         "Tables and plots from run folders and sweep folders (any mix, any depth): a table per task, a row per "
         "configuration, seeds pooled; validation and adaptation plots as PNG and SVG."))
     p.add_argument("folders", nargs="+", type=Path, help="run folders or folders holding them (a sweep, outputs/)")

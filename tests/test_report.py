@@ -117,6 +117,7 @@ def test_bad_input_is_one_line_each(runs, tmp_path):
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         return done.stderr.strip()
 
+    assert line() == "metarun report: error: the following arguments are required: folders (metarun report --help)"
     assert line(str(tmp_path / "nowhere")) == f"metarun report: error: {tmp_path / 'nowhere'}: no such folder"
     empty = tmp_path / "empty"
     (empty / "a" / "b").mkdir(parents=True)
