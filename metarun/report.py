@@ -634,20 +634,65 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="metarun report", description=(
         "Tables and plots from run folders and sweep folders (any mix, any depth): a table per task, a row per "
         "configuration, seeds pooled; validation and adaptation plots as PNG and SVG."))
-    p.add_argument("folders", nargs="+", type=Path, help="run folders or folders holding them (a sweep, outputs/)")
+    p.add_argument("folders", nargs="*", type=Path, help="run folders or folders holding them (a sweep, outputs/)")
     p.add_argument("--out", type=Path, help="where report.md, report.csv and the plots go "
                    "(default: FOLDER/report for one folder, else ./report)")
     p.add_argument("--published", type=Path, help="a YAML list of published numbers: - {task: omniglot, where: "
                    "{task.ways: 5, task.shots: 1}, value: 98.7, source: Finn et al. 2017}")
     p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--update", type=Path, nargs="+", metavar="MARKDOWN", help="remake the tables in these Markdown "
+                   "files: each between '<!-- metarun report FOLDER ... -->' and '<!-- end of report -->', from the "
+                   "folders that line names (relative to the current folder)")
     return p
+
+
+BLOCK = re.compile(r"(<!-- metarun report (?P<args>.+?) -->\n)(?P<body>.*?)(<!-- end of report -->)", re.DOTALL)
+
+
+def _remade(match: re.Match, file: Path) -> str:
+    """A marked block with its tables made again from the folders its first line names."""
+    import shlex
+
+    args = parser().parse_args(shlex.split(match["args"]))
+    if not args.folders:
+        raise ReportError(f"{file}: '<!-- metarun report {match['args']} -->' names no folder")
+    tables, published, _ = build(args.folders, args.published)
+    parts = []
+    for table in tables:
+        header, rows = table_rows(table, published)
+        parts += ([f"*{table.title}*", ""] if len(tables) > 1 else []) + [markdown(header, rows), ""]
+    return match[1] + "\n".join(parts) + match[4]
+
+
+def update(files: list[Path]) -> list[str]:
+    """Remake every marked table of ``files`` from its run folders (see ``--update``); returns a line
+    per file. A file is rewritten only when all its tables could be made."""
+    from metarun.utils.checkpoint import atomic_file
+
+    done = []
+    for file in files:
+        text = file.read_text()
+        blocks = list(BLOCK.finditer(text))
+        if not blocks:
+            raise ReportError(f"{file} has no '<!-- metarun report FOLDER ... -->' ... '<!-- end of report -->' block")
+
+        new = BLOCK.sub(lambda match, file=file: _remade(match, file), text)
+        with atomic_file(file) as f:
+            f.write(new.encode())
+        done.append(f"updated {file}: {len(blocks)} table block(s)" + ("" if new != text else " (unchanged)"))
+    return done
 
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    out = args.out or (args.folders[0] / "report" if len(args.folders) == 1 and args.folders[0].is_dir()
-                       else Path("report"))
+    if not args.folders and not args.update:
+        parser().error("the following arguments are required: folders")
     try:
+        if args.update:
+            print("\n".join(update(args.update)))
+            return 0
+        out = args.out or (args.folders[0] / "report" if len(args.folders) == 1 and args.folders[0].is_dir()
+                           else Path("report"))
         tables, published, notes = build(args.folders, args.published)
         command = "metarun report " + " ".join(argv)
         md, text = render(tables, published, command)

@@ -166,3 +166,25 @@ def test_diverged_tasks_get_their_count_and_the_mean_without_them(runs, tmp_path
     pooled = report.pooled(tables[0].configurations[0], "10-shot", 10)
     assert pooled.without == pytest.approx((first["mean_without_diverged"] + 0.5) / 2)
     assert pooled.mean == pytest.approx((first["mean"] + 1e9) / 2)
+
+
+def test_update_remakes_the_marked_tables_of_a_markdown_file(runs, tmp_path):
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nText before.\n\n<!-- metarun report outputs/multirun/sweep -->\n| an old | table |\n"
+                   "<!-- end of report -->\n\nText after.\n")
+    done = metarun("report", "--update", str(doc), cwd=runs.parent)  # the block's folders: from the current folder
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"updated {doc}: 1 table block(s)"
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nText before.\n\n<!-- metarun report outputs/multirun/sweep -->\n| algorithm.")
+    assert text.endswith("<!-- end of report -->\n\nText after.\n") and "an old" not in text
+    tables, _, _ = report.build([runs / "multirun" / "sweep"])
+    assert report.markdown(*report.table_rows(tables[0], [])) in text  # the report's own table, unedited
+    done = metarun("report", "--update", str(doc), cwd=runs.parent)
+    assert done.stdout.strip().endswith("(unchanged)")
+    # a block whose folders are not there: one line, and the file is left as it was
+    doc.write_text(text.replace("outputs/multirun/sweep", "outputs/gone"))
+    before = doc.read_text()
+    done = metarun("report", "--update", str(doc), cwd=runs.parent)
+    assert done.returncode == 2 and done.stderr.strip() == "metarun report: error: outputs/gone: no such folder"
+    assert doc.read_text() == before
