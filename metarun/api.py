@@ -22,8 +22,8 @@ meta-parameters (Meta-SGD's learned rates, MAML++'s per-step rates and norm weig
 ``model_kwargs``: the sizes the task passed to the model (``out_features`` = ways,
 ``in_channels``, ``image_size``; the policy's ``obs_dim`` and ``act_dim``; none for sinusoid). The
 dataset is not loaded. For an older checkpoint without ``model_kwargs`` the sizes are derived from
-the config where the task fixes them (Omniglot: 1 x 28 x 28, MiniImagenet: 3 x 84 x 84, sinusoid and
-Navigation2D), and otherwise read from the task built from the run's config, as the runner builds it
+the config where the task class says they follow from it (its ``model_sizes``: Omniglot 1 x 28 x 28,
+MiniImagenet 3 x 84 x 84, image_folder its channels and image size, sinusoid, Navigation2D), and otherwise read from the task built from the run's config, as the runner builds it
 (which loads its data once).
 """
 
@@ -296,37 +296,35 @@ def _algorithm(config: DictConfig, model: nn.Module) -> nn.Module:
         from metarun.algorithms.maml_trpo import MAMLTRPO
 
         return MAMLTRPO(config.algorithm, model)
-    from hydra.utils import get_class
-
     from metarun.algorithms import build
 
-    try:  # the task family's loss, a class attribute: the task itself (and its data) is not built
-        loss_fn = get_class(config.task._target_).loss_fn
-    except Exception as exc:
-        raise CheckpointError(f"task {config.task._target_}: cannot find its loss_fn ({_one_line(exc)})") from exc
+    loss_fn = getattr(_task_class(config), "loss_fn", None)  # a class attribute: the task (its data) is not built
+    if loss_fn is None:
+        raise CheckpointError(f"task {config.task._target_} has no loss_fn")
     return build(config.algorithm, model, loss_fn)
 
 
+def _task_class(config: DictConfig):
+    """The run's task class (not built: its data is not loaded)."""
+    from hydra.utils import get_class
+
+    try:
+        return get_class(config.task._target_)
+    except Exception as exc:
+        raise CheckpointError(f"task {config.task._target_} cannot be imported ({_one_line(exc)})") from exc
+
+
 def _derived_model_kwargs(config: DictConfig, file: Path, device: torch.device, dtype: torch.dtype) -> dict:
-    """The model's sizes for a checkpoint without ``model_kwargs``: from the config where the task fixes
-    them, else from the task built from the config (as the runner builds it, loading its data)."""
-    target = str(config.task.get("_target_", ""))
-    if target == "metarun.tasks.omniglot.OmniglotTasks":
-        from metarun.data.omniglot import IMAGE_SIZE
-
-        return {"out_features": int(config.task.ways), "in_channels": 1, "image_size": IMAGE_SIZE}
-    if target == "metarun.tasks.miniimagenet.MiniImagenetTasks":
-        from metarun.data.miniimagenet import IMAGE_SIZE
-
-        return {"out_features": int(config.task.ways), "in_channels": 3, "image_size": IMAGE_SIZE}
-    if target == "metarun.tasks.sinusoid.SinusoidTasks":
-        return {}
-    if target == "metarun.envs.navigation2d.Navigation2DTasks":
-        return {"obs_dim": 2, "act_dim": 2}
+    """The model's sizes for a checkpoint without ``model_kwargs``: from the config where the task class
+    says they follow from it (``model_sizes``), else from the task built from the config (as the runner
+    builds it, loading its data)."""
     from hydra.utils import instantiate
 
+    sizes = getattr(_task_class(config), "model_sizes", lambda task: None)(config.task)
+    if sizes is not None:
+        return dict(sizes)
     log.warning("%s has no model_kwargs (written before checkpoints carried the model's sizes): building task %s "
-                "from its config to read them", file, config.task.get("name", target))
+                "from its config to read them", file, config.task.get("name", config.task._target_))
     try:
         if config.trainer.name == "rl":
             envs = instantiate(config.task)
@@ -338,20 +336,13 @@ def _derived_model_kwargs(config: DictConfig, file: Path, device: torch.device, 
 
 
 def _preprocessor(config: DictConfig):
-    """The task's per-image function, returning uint8 ``[C, H, W]``."""
-    target = str(config.task.get("_target_", ""))
-    if target == "metarun.tasks.omniglot.OmniglotTasks":
-        from metarun.data.omniglot import preprocess_image
-
-        return lambda image: preprocess_image(image)[None]
-    if target == "metarun.tasks.miniimagenet.MiniImagenetTasks":
-        from metarun.data.miniimagenet import preprocess_image
-
-        return lambda image: preprocess_image(image).transpose(2, 0, 1)
-    if target == "metarun.tasks.image_folder.ImageFolderTasks":
-        return _image_folder_preprocessor(config.task)
-    raise MetarunError(f"preprocess(): task {config.task.get('name', target)} has no image preprocessing in metarun; "
-                       "pass adapt() and predict() float tensors shaped as the model's inputs")
+    """The task family's per-image function (its ``image_transform``), returning uint8 ``[C, H, W]``."""
+    transform = getattr(_task_class(config), "image_transform", None)
+    if transform is None:
+        raise MetarunError(f"preprocess(): task {config.task.get('name', config.task._target_)} has no image "
+                           "preprocessing in metarun; give adapt() and predict() float tensors shaped as the model's "
+                           "inputs")
+    return transform(config.task)
 
 
 def _read(one, image, index: int) -> np.ndarray:
@@ -368,29 +359,6 @@ def _read(one, image, index: int) -> np.ndarray:
         which = f"{image}" if isinstance(image, (str, os.PathLike)) else f"#{index} ({type(image).__name__})"
         why = f": {exc}" if isinstance(exc, MetarunError) else f" cannot be read ({_one_line(exc)})"
         raise DataError(f"preprocess(): image {which}{why}") from exc
-
-
-def _image_folder_preprocessor(task: DictConfig):
-    import io
-
-    from PIL import Image
-
-    from metarun.data.image_folder import decode_image
-
-    size, channels, resize = int(task.image_size), int(task.channels), bool(task.get("resize", True))
-
-    def one(image) -> np.ndarray:
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            image = io.BytesIO(bytes(image))
-        elif isinstance(image, Image.Image):  # decode_image opens a file: hand it this image as a lossless PNG
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            buffer.seek(0)
-            image = buffer
-        pixels = decode_image(image, size, channels, resize)
-        return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-
-    return one
 
 
 def _is_batched(tensor: Tensor) -> bool:

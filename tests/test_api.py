@@ -249,9 +249,13 @@ def test_load_rebuilds_the_model_from_the_checkpoint_alone(omniglot_run, raw, mo
 
 
 class RenamedOmniglot(OmniglotTasks):
-    """A task family the API knows nothing about (as a user's own would be)."""
+    """A task family whose model sizes only its data tells (as a user's own may be)."""
 
     built = 0
+
+    @classmethod
+    def model_sizes(cls, task):
+        return None
 
     def __init__(self, *args, **kwargs):
         type(self).built += 1
@@ -259,8 +263,9 @@ class RenamedOmniglot(OmniglotTasks):
 
 
 def test_an_old_checkpoint_without_model_kwargs_still_loads(omniglot_run, tmp_path, monkeypatch, caplog):
-    """Omniglot's sizes are derived from the config (no dataset); a task metarun does not know is built
-    from the config, as the runner would, to read them; one that cannot be built is a one-line error."""
+    """Omniglot's sizes are derived from the config (no dataset); a task whose class cannot say them is
+    built from the config, as the runner would, to read them; one that cannot be imported is a
+    one-line error."""
     cfg, run_dir = omniglot_run
     state = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)
     new = metarun.load(run_dir)
@@ -282,7 +287,7 @@ def test_an_old_checkpoint_without_model_kwargs_still_loads(omniglot_run, tmp_pa
 
     state["config"]["task"].update(_target_=f"{__name__}.NoSuchTask")
     torch.save(state, tmp_path / "unknown.pt")
-    with pytest.raises(CheckpointError, match="before checkpoints carried the model's sizes") as info:
+    with pytest.raises(CheckpointError, match="NoSuchTask cannot be imported") as info:
         metarun.load(tmp_path / "unknown.pt")
     assert "\n" not in str(info.value)
 

@@ -60,6 +60,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from metarun.data.cache import DataError, default_cache_dir, load_cache, one_line, save_cache
+from metarun.data.images import RawImage, open_image
 
 log = logging.getLogger(__name__)
 
@@ -298,8 +299,8 @@ def _fingerprint(plan: _Plan, root: Path, settings: str) -> str:
 # Decoding
 
 
-def decode_image(path: Path, image_size: int, channels: int = 3, resize: bool = True) -> np.ndarray:
-    """Decode one image file: converted to ``channels`` (1: PIL mode "L", 3: "RGB"), then resized to
+def decode_image(raw: RawImage, image_size: int, channels: int = 3, resize: bool = True) -> np.ndarray:
+    """Decode one image (a file, or any :data:`~metarun.data.images.RawImage`): converted to ``channels`` (1: PIL mode "L", 3: "RGB"), then resized to
     ``image_size`` x ``image_size`` with PIL's LANCZOS filter (stretched, not cropped) unless it is
     that size already.
 
@@ -310,8 +311,9 @@ def decode_image(path: Path, image_size: int, channels: int = 3, resize: bool = 
         DataError: the file cannot be decoded, or (``resize=False``) is not ``image_size`` x
             ``image_size``; the message names the file.
     """
+    path = raw if isinstance(raw, (str, os.PathLike)) else f"#{type(raw).__name__}"  # its name in messages
     try:
-        with Image.open(path) as image:
+        with open_image(raw) as image:
             if not resize and image.size != (image_size, image_size):
                 width, height = image.size
                 raise DataError(f"image {path} is {width}x{height}, not {image_size}x{image_size} (task.resize=false "

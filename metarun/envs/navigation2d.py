@@ -34,6 +34,11 @@ class Navigation2DTasks:
     obs_dim = 2
     act_dim = 2
 
+    @classmethod
+    def model_sizes(cls, task) -> dict:
+        """The policy's sizes (the trainer passes them), without building the task."""
+        return {"obs_dim": cls.obs_dim, "act_dim": cls.act_dim}
+
     def __init__(self, horizon: int = 100, goal_range: float = 0.5, max_action: float = 0.1,
                  success_radius: float = 0.01, name: str = "navigation2d") -> None:
         self.horizon, self.goal_range, self.max_action = horizon, goal_range, max_action

@@ -10,14 +10,18 @@ the label a class gets (its slot, 0..ways-1) is permuted from task to task.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from metarun.data.cache import DataError
+from metarun.data.images import RawImage
 from metarun.types import TaskBatch
+from metarun.utils.errors import MetarunError
 
 
 @dataclass
@@ -63,6 +67,21 @@ class FewShotClassification:
                 if shots + q > per_class:
                     raise DataError(f"task.shots + {q_name} = {shots + q} is more than the {per_class} images "
                                     f"per class of the {split} split")
+
+    @classmethod
+    def model_sizes(cls, task) -> dict | None:
+        """The ``model_kwargs`` a task built from the config ``task`` passes to the model, where the
+        config alone fixes them (:func:`metarun.load` rebuilds a model from an old checkpoint with
+        them, without the data); None where only the data tells (the task is built to find them)."""
+        return None
+
+    @classmethod
+    def image_transform(cls, task) -> Callable[[RawImage], np.ndarray]:
+        """The family's per-image preprocessing for the config ``task``: one raw image (encoded bytes,
+        a path, a binary file or a PIL image) to uint8 ``[C, H, W]``, exactly as the dataset cache
+        holds it (:meth:`metarun.api.Trained.preprocess`)."""
+        raise MetarunError(f"task {task.get('name', cls.__name__)} has no image preprocessing in metarun; give "
+                           "adapt() and predict() float tensors shaped as the model's inputs")
 
     @staticmethod
     def metric_fn(outputs: Tensor, targets: Tensor) -> Tensor:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from metarun.data.cache import DataError
-from metarun.data.image_folder import SPLITS, load_image_folder
+from metarun.data.image_folder import SPLITS, decode_image, load_image_folder
 from metarun.tasks.classification import FewShotClassification
 from metarun.utils.errors import ConfigError
 
@@ -66,3 +67,17 @@ class ImageFolderTasks(FewShotClassification):
                                 f"lower task.queries / task.test_queries or task.shots, or add images")
         super().__init__({split: data[split].images for split in SPLITS}, ways, shots, queries, test_queries,
                          device, dtype, name)
+
+    @classmethod
+    def model_sizes(cls, task) -> dict:
+        return {"out_features": int(task.ways), "in_channels": int(task.channels), "image_size": int(task.image_size)}
+
+    @classmethod
+    def image_transform(cls, task):
+        size, channels, resize = int(task.image_size), int(task.channels), bool(task.get("resize", True))
+
+        def one(image) -> np.ndarray:  # -> [channels, size, size]
+            pixels = decode_image(image, size, channels, resize)
+            return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+        return one

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from metarun.data.miniimagenet import load_miniimagenet
+from metarun.data.miniimagenet import IMAGE_SIZE, load_miniimagenet, preprocess_image
 from metarun.tasks.classification import FewShotClassification
 
 
@@ -37,3 +37,11 @@ class MiniImagenetTasks(FewShotClassification):
                                  Path(splits_dir).expanduser() if splits_dir else None, progress, images_per_class)
         splits = {part: data[part].images for part in ("train", "val", "test")}
         super().__init__(splits, ways, shots, queries, test_queries, device, dtype, name)
+
+    @classmethod
+    def model_sizes(cls, task) -> dict:
+        return {"out_features": int(task.ways), "in_channels": 3, "image_size": IMAGE_SIZE}
+
+    @classmethod
+    def image_transform(cls, task):
+        return lambda image: preprocess_image(image).transpose(2, 0, 1)  # HWC -> [3, 84, 84]

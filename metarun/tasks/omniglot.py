@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from metarun.data.omniglot import load_omniglot, omniglot_splits, rotate_classes
+from metarun.data.omniglot import IMAGE_SIZE, load_omniglot, omniglot_splits, preprocess_image, rotate_classes
 from metarun.tasks.classification import FewShotClassification
 
 
@@ -50,3 +50,11 @@ class OmniglotTasks(FewShotClassification):
                 images = rotate_classes(images)
             splits[part] = images[:, :, None]  # [classes, 20, 1, 28, 28]
         super().__init__(splits, ways, shots, queries, test_queries, device, dtype, name)
+
+    @classmethod
+    def model_sizes(cls, task) -> dict:
+        return {"out_features": int(task.ways), "in_channels": 1, "image_size": IMAGE_SIZE}
+
+    @classmethod
+    def image_transform(cls, task):
+        return lambda image: preprocess_image(image)[None]  # a 105x105 drawing -> [1, 28, 28]
