@@ -11,7 +11,8 @@ Example (docs/api.md has the whole walk-through, docs/examples/one_shot_runs.py 
 :meth:`Trained.adapt` and :meth:`Trained.predict` run the algorithm's own inner loop
 (``start`` / ``adapt_step`` / ``weights``) and its query prediction (``query_outputs``) exactly as
 the runner's evaluation does (:meth:`~metarun.algorithms.base.Algorithm.curve`): for one task, under
-``torch.func.vmap`` over a batch of that one task, with no graph kept. Their outputs are therefore the
+``torch.func.vmap`` over a batch of that one task, with no graph kept (``predict`` adapts again from
+the support set ``adapt`` kept, in the vmap that predicts, as the runner's evaluation does). Their outputs are therefore the
 runner's, bit for bit, for the same episode evaluated on its own. (The runner evaluates its test tasks
 100 at a time; vmap over a batch of another size may round the last bits of a float differently,
 about 1e-5 in a logit, so against that batch the logits agree to about 1e-5 and the predictions
@@ -50,14 +51,15 @@ __all__ = ["Adapted", "Trained", "load"]
 class Adapted(dict):
     """The parameters :meth:`Trained.adapt` returns: a plain ``{name: tensor}`` dict (the weights the
     model runs with on the task, as ``torch.func.functional_call`` takes them), which also remembers
-    the task's support set and which weights the inner loop changed, so :meth:`Trained.predict`
-    reproduces the runner's evaluation exactly."""
+    the task's support set and the inner steps taken. :meth:`Trained.predict` adapts again from them
+    and predicts in the same ``vmap``, as the runner's evaluation does, so its outputs are the
+    runner's bit for bit (a weight the inner loop leaves alone, such as ANIL's body, then stays one
+    tensor shared by the batch, as there)."""
 
-    def __init__(self, weights: dict[str, Tensor], support_x: Tensor, steps: int, per_task: frozenset[str]) -> None:
+    def __init__(self, weights: dict[str, Tensor], support_x: Tensor, support_y: Tensor, steps: int) -> None:
         super().__init__(weights)
-        self.support_x = support_x  # the task's support inputs (some algorithms predict with them)
+        self.support_x, self.support_y = support_x, support_y  # the task's support set
         self.steps = steps  # inner steps taken
-        self.per_task = per_task  # weights computed from the task (the rest are the meta-learned ones)
 
 
 @dataclass
@@ -116,20 +118,17 @@ class Trained:
         sx, sy = self._inputs(support_x, "support_x"), self._targets(support_y)
         if len(sx) != len(sy):
             raise ConfigError(f"support_x has {len(sx)} examples but support_y {len(sy)} targets")
-        params = {k: p.detach() for k, p in self.model.named_parameters()}
-        per_task: set[str] = set()
-
-        def one_task(x: Tensor, y: Tensor) -> dict[str, Tensor]:  # Algorithm.curve's loop, to `steps`
-            state = algorithm.start(params)
-            for i in range(steps):
-                state = algorithm.adapt_step(state, x, y, i, first_order=True)
-            weights = algorithm.weights(state, steps)
-            per_task.update(k for k, w in weights.items() if _is_batched(w))
-            return weights
-
         with torch.no_grad():
-            weights = vmap(one_task)(sx[None], sy[None])
-        return Adapted({k: w[0] for k, w in weights.items()}, sx, steps, frozenset(per_task))
+            weights = vmap(lambda x, y: self._adapted(algorithm, x, y, steps))(sx[None], sy[None])
+        return Adapted({k: w[0] for k, w in weights.items()}, sx, sy, steps)
+
+    def _adapted(self, algorithm, x: Tensor, y: Tensor, steps: int) -> dict[str, Tensor]:
+        """One task's weights after ``steps`` inner steps: the loop of the runner's evaluation
+        (:meth:`~metarun.algorithms.base.Algorithm.curve`), to be run under ``vmap``."""
+        state = algorithm.start({k: p.detach() for k, p in self.model.named_parameters()})
+        for i in range(steps):
+            state = algorithm.adapt_step(state, x, y, i, first_order=True)
+        return algorithm.weights(state, steps)
 
     def predict(self, params: dict[str, Tensor], query_x, support_x=None) -> Tensor:
         """The model's outputs on one task's query inputs, with ``params`` from :meth:`adapt`:
@@ -140,7 +139,9 @@ class Trained:
         (Reptile with ``transductive=false``: each query with the support set).
 
         Args:
-            params: the weights :meth:`adapt` returned (or any ``{name: tensor}`` of the model's).
+            params: the weights :meth:`adapt` returned (predict adapts again from the support set they
+                remember, inside the vmap that predicts, which makes the outputs the runner's bit for
+                bit), or a plain ``{name: tensor}`` dict of the model's weights, used as they are.
             query_x: the query inputs, ``[queries, ...]``.
             support_x: the task's support inputs, for a plain dict of weights with an algorithm that
                 predicts with them; taken from ``params`` when it came from :meth:`adapt`.
@@ -156,17 +157,20 @@ class Trained:
                                   "support set: pass support_x=, or params from adapt()")
             sx = qx[:0]  # (not used)
         sx = self._inputs(sx, "support_x")
-        per_task = getattr(params, "per_task", None)
-        if per_task is None:  # a dict of the user's: every weight counts as the task's own
-            per_task = frozenset(params)
-        weights = {k: v[None] if k in per_task else v for k, v in params.items()}
-        in_dims = ({k: 0 if k in per_task else None for k in params}, 0, 0)
+        if isinstance(params, Adapted):  # adapt again inside the vmap that predicts, as the runner does
+            sy, steps = params.support_y, params.steps
 
-        def one_task(w: dict[str, Tensor], s: Tensor, q: Tensor) -> Tensor:
+            def one_task(s: Tensor, y: Tensor, q: Tensor) -> Tensor:
+                return algorithm.query_outputs(self._adapted(algorithm, s, y, steps), s, q)
+
+            with torch.no_grad():
+                return vmap(one_task)(sx[None], sy[None], qx[None])[0]
+
+        def with_weights(w: dict[str, Tensor], s: Tensor, q: Tensor) -> Tensor:  # a dict of the user's
             return algorithm.query_outputs(w, s, q)
 
         with torch.no_grad():
-            return vmap(one_task, in_dims=in_dims)(weights, sx[None], qx[None])[0]
+            return vmap(with_weights)({k: v[None] for k, v in params.items()}, sx[None], qx[None])[0]
 
     # --- raw inputs ----------------------------------------------------------------------------
 
@@ -359,16 +363,6 @@ def _read(one, image, index: int) -> np.ndarray:
         which = f"{image}" if isinstance(image, (str, os.PathLike)) else f"#{index} ({type(image).__name__})"
         why = f": {exc}" if isinstance(exc, MetarunError) else f" cannot be read ({_one_line(exc)})"
         raise DataError(f"preprocess(): image {which}{why}") from exc
-
-
-def _is_batched(tensor: Tensor) -> bool:
-    """Whether a tensor inside ``vmap`` is per task (batched) or shared by every task; the runner's
-    evaluation passes each weight one way or the other, and :meth:`Trained.predict` does the same."""
-    try:
-        from torch._C._functorch import is_batchedtensor
-    except ImportError:  # (a torch without it: every weight per task; the same values, maybe not the same bits)
-        return True
-    return bool(is_batchedtensor(tensor))
 
 
 def _predicts_with_support(algorithm: nn.Module) -> bool:
