@@ -100,7 +100,7 @@ def main() -> None:
     if distributed.is_main():
         out["world_size"] = distributed.world_size()
         Path(sys.argv[1]).write_text(json.dumps(out, indent=1))
-    distributed.close()
+    distributed.finish()  # (leaves together, then exits without the finalisation where gloo can abort)
 
 
 if __name__ == "__main__":
