@@ -331,8 +331,9 @@ def _derived_model_kwargs(config: DictConfig, file: Path, device: torch.device, 
                 "from its config to read them", file, config.task.get("name", config.task._target_))
     try:
         if config.trainer.name == "rl":
-            envs = instantiate(config.task)
-            return {"obs_dim": int(envs.obs_dim), "act_dim": int(envs.act_dim)}
+            from metarun.trainers.rl import policy_sizes
+
+            return policy_sizes(instantiate(config.task))
         return dict(getattr(instantiate(config.task, device=device, dtype=dtype), "model_kwargs", {}))
     except Exception as exc:
         raise CheckpointError(f"{file} was written before checkpoints carried the model's sizes, and building its "
@@ -374,5 +375,8 @@ def _predicts_with_support(algorithm: nn.Module) -> bool:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    """:func:`~metarun.data.cache.one_line`, cut to 300 characters (a constructor's message can be long)."""
+    from metarun.data.cache import one_line
+
+    text = one_line(exc)
     return text if len(text) <= 300 else text[:297] + "..."

@@ -42,6 +42,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from metarun.data.cache import one_line
 from metarun.utils.errors import MetarunError
 
 
@@ -166,7 +167,7 @@ def read_run(path: Path) -> Run:
     try:
         results = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
-        raise ReportError(f"{file} cannot be read ({' '.join(str(exc).split())})") from exc
+        raise ReportError(f"{file} cannot be read ({one_line(exc)})") from exc
     missing = [key for key in REQUIRED if key not in results] if isinstance(results, dict) else list(REQUIRED)
     shape_ok = not missing and all(isinstance(row, dict) and all(isinstance(c, dict) and "mean" in c
                                                                   for c in row.values())
@@ -285,10 +286,6 @@ def _mean_of(configuration: Configuration, getter) -> float | None:
         if value is not None:
             values.append(float(value))
     return statistics.fmean(values) if values else None
-
-
-def _training(key: str):
-    return lambda results: results["training"][key]
 
 
 def _iterations(results: dict):
@@ -446,7 +443,7 @@ def read_published(path: Path | None) -> list[dict]:
     try:
         entries = OmegaConf.to_container(OmegaConf.load(path))
     except Exception as exc:  # (yaml's and OmegaConf's errors, a missing file)
-        raise ReportError(f"--published {path} cannot be read ({' '.join(str(exc).split())})") from exc
+        raise ReportError(f"--published {path} cannot be read ({one_line(exc)})") from exc
     if not isinstance(entries, list):
         raise ReportError(f"--published {path}: expected a YAML list of entries with task, value and optional where, "
                           "source")

@@ -300,12 +300,12 @@ def _fingerprint(plan: _Plan, root: Path, settings: str) -> str:
 
 
 def decode_image(raw: RawImage, image_size: int, channels: int = 3, resize: bool = True) -> np.ndarray:
-    """Decode one image (a file, or any :data:`~metarun.data.images.RawImage`): converted to ``channels`` (1: PIL mode "L", 3: "RGB"), then resized to
-    ``image_size`` x ``image_size`` with PIL's LANCZOS filter (stretched, not cropped) unless it is
-    that size already.
+    """Decode one image (a file, or any :data:`~metarun.data.images.RawImage`): converted to
+    ``channels`` (1: PIL mode "L", 3: "RGB"), then resized to ``image_size`` x ``image_size`` with
+    PIL's LANCZOS filter (stretched, not cropped) unless it is that size already.
 
     Returns:
-        uint8 array ``[image_size, image_size]`` (1 channel) or ``[image_size, image_size, 3]``.
+        uint8 array ``[channels, image_size, image_size]``, channels first as the cache holds it.
 
     Raises:
         DataError: the file cannot be decoded, or (``resize=False``) is not ``image_size`` x
@@ -321,7 +321,8 @@ def decode_image(raw: RawImage, image_size: int, channels: int = 3, resize: bool
             image = image.convert(MODES[channels])
             if image.size != (image_size, image_size):
                 image = image.resize((image_size, image_size), RESAMPLE)
-            return np.array(image, dtype=np.uint8)
+            pixels = np.array(image, dtype=np.uint8)
+            return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
     except DataError:
         raise
     except Exception as e:  # corrupt files raise many types: OSError, SyntaxError, ValueError, ...
@@ -343,8 +344,7 @@ def _convert(plan: _Plan, image_size: int, channels: int, resize: bool, progress
             images = torch.empty((len(plan.classes[split]), n, channels, image_size, image_size), dtype=torch.uint8)
             for c, paths in enumerate(plan.files[split]):
                 for i, pixels in enumerate(pool.map(decode, paths[:n])):
-                    pixels = torch.from_numpy(pixels)
-                    images[c, i] = pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+                    images[c, i] = torch.from_numpy(pixels)
                 bar.update(n)
             splits[split] = ImageFolderSplit(images, plan.classes[split], [len(p) for p in plan.files[split]])
     return splits

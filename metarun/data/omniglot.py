@@ -320,9 +320,6 @@ def preprocess_image(image: RawImage) -> np.ndarray:
     return 255 - np.asarray(small, dtype=np.uint8)
 
 
-_to_28x28 = preprocess_image  # the former private name, kept for existing callers
-
-
 def _decode_all(sources: list[tuple[_Source, dict[str, dict[str, list[str]]]]],
                 progress: bool) -> OmniglotData:
     """Decode every drawing of every (already checked) set into one uint8 tensor."""

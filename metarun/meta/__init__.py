@@ -5,5 +5,5 @@ from metarun.meta.batching import over_tasks, refuse_torch_batch_norm, resolve_b
 from metarun.meta.hvp import hvp, hvp_operator
 from metarun.meta.inner import Rate, adapt, gradients, inner_step
 
-__all__ = ["Rate", "adapt", "gradients", "hvp", "hvp_operator", "inner_step", "over_tasks", "refuse_torch_batch_norm", "resolve_batching",
-           "task_loss"]
+__all__ = ["Rate", "adapt", "gradients", "hvp", "hvp_operator", "inner_step", "over_tasks", "refuse_torch_batch_norm",
+           "resolve_batching", "task_loss"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from metarun.data.cache import DataError
@@ -75,9 +74,4 @@ class ImageFolderTasks(FewShotClassification):
     @classmethod
     def image_transform(cls, task):
         size, channels, resize = int(task.image_size), int(task.channels), bool(task.get("resize", True))
-
-        def one(image) -> np.ndarray:  # -> [channels, size, size]
-            pixels = decode_image(image, size, channels, resize)
-            return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-
-        return one
+        return lambda image: decode_image(image, size, channels, resize)  # -> [channels, size, size]

@@ -59,6 +59,11 @@ class RLRun:
 # --- 1. set-up ------------------------------------------------------------------------------------
 
 
+def policy_sizes(envs) -> dict[str, int]:
+    """What the policy's size follows from: the environments' observation and action sizes."""
+    return {"obs_dim": int(envs.obs_dim), "act_dim": int(envs.act_dim)}
+
+
 def setup(cfg: DictConfig, run_dir: Path) -> RLRun:
     """The task distribution (environments), the policy and the algorithm; RL runs on the CPU."""
     if cfg.device not in ("auto", "cpu"):
@@ -66,7 +71,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> RLRun:
     log.info("cpu_threads=%d", set_threads(cfg.trainer.num_threads))
     seed_everything(cfg.seed)
     envs = instantiate(cfg.task)
-    model_kwargs = {"obs_dim": int(envs.obs_dim), "act_dim": int(envs.act_dim)}  # sizes from the environments
+    model_kwargs = policy_sizes(envs)
     policy = instantiate(cfg.model, **model_kwargs)
     # under torchrun each rank samples its share of the tasks from streams of its own (rank 0's are
     # a single process's)
