@@ -38,7 +38,7 @@ test-cuda: $(STAMP) ## only the tests that need a CUDA GPU (the CUDA graph, the 
 	$(PY) -m pytest -m cuda $(ARGS)
 
 lint: $(STAMP) ## ruff over the code and tests
-	$(VENV)/bin/ruff check metarun tests
+	$(VENV)/bin/ruff check metarun tests parity
 
 bench: $(STAMP) ## speed and memory, vmap vs loop; meta-RL steps/s (ARGS="--configs sinusoid --rl" for one)
 	$(PY) -m metarun.bench $(ARGS)

@@ -93,6 +93,12 @@ class Trained:
         of :meth:`adapt`."""
         return int(self.config.algorithm.test_inner_steps)
 
+    @property
+    def transductive(self) -> bool:
+        """Whether the runner's evaluation predicted a task's queries as one batch
+        (``trainer.transductive``; a run from before that key: Reptile's ``algorithm.transductive``)."""
+        return bool(self.config.trainer.get("transductive", self.config.algorithm.get("transductive", True)))
+
     # --- adapting and predicting ---------------------------------------------------------------
 
     def adapt(self, support_x, support_y, steps: int | None = None) -> Adapted:
@@ -134,9 +140,9 @@ class Trained:
         """The model's outputs on one task's query inputs, with ``params`` from :meth:`adapt`:
         logits ``[queries, ways]`` for classification, predictions ``[queries, 1]`` for sinusoid.
 
-        The query inputs are predicted as one batch, as the runner's evaluation does (its batch norm
-        uses the statistics of the query batch, as in MAML's code), or however the algorithm predicts
-        (Reptile with ``transductive=false``: each query with the support set).
+        The query inputs are predicted as the runner's evaluation predicted them: as one batch (its
+        batch norm uses the statistics of the query batch, as in MAML's code), or with
+        ``trainer.transductive=false`` each query in one batch with the support set.
 
         Args:
             params: the weights :meth:`adapt` returned (predict adapts again from the support set they
@@ -152,22 +158,22 @@ class Trained:
         qx = self._inputs(query_x, "query_x")
         sx = support_x if support_x is not None else getattr(params, "support_x", None)
         if sx is None:
-            if _predicts_with_support(algorithm):
-                raise ConfigError(f"algorithm={self.config.algorithm.name} predicts each query with the task's "
-                                  "support set: pass support_x=, or params from adapt()")
+            if not self.transductive:
+                raise ConfigError("this run predicts each query with the task's support set "
+                                  "(trainer.transductive=false): pass support_x=, or params from adapt()")
             sx = qx[:0]  # (not used)
         sx = self._inputs(sx, "support_x")
         if isinstance(params, Adapted):  # adapt again inside the vmap that predicts, as the runner does
             sy, steps = params.support_y, params.steps
 
             def one_task(s: Tensor, y: Tensor, q: Tensor) -> Tensor:
-                return algorithm.query_outputs(self._adapted(algorithm, s, y, steps), s, q)
+                return algorithm.query_outputs(self._adapted(algorithm, s, y, steps), s, q, self.transductive)
 
             with torch.no_grad():
                 return vmap(one_task)(sx[None], sy[None], qx[None])[0]
 
         def with_weights(w: dict[str, Tensor], s: Tensor, q: Tensor) -> Tensor:  # a dict of the user's
-            return algorithm.query_outputs(w, s, q)
+            return algorithm.query_outputs(w, s, q, self.transductive)
 
         with torch.no_grad():
             return vmap(with_weights)({k: v[None] for k, v in params.items()}, sx[None], qx[None])[0]
@@ -364,14 +370,6 @@ def _read(one, image, index: int) -> np.ndarray:
         which = f"{image}" if isinstance(image, (str, os.PathLike)) else f"#{index} ({type(image).__name__})"
         why = f": {exc}" if isinstance(exc, MetarunError) else f" cannot be read ({_one_line(exc)})"
         raise DataError(f"preprocess(): image {which}{why}") from exc
-
-
-def _predicts_with_support(algorithm: nn.Module) -> bool:
-    """Whether the algorithm's query prediction uses the support set (Reptile, non-transductive)."""
-    from metarun.algorithms.base import Algorithm
-
-    overridden = type(algorithm).query_outputs is not Algorithm.query_outputs
-    return overridden and not getattr(algorithm, "transductive", False)
 
 
 def _one_line(exc: BaseException) -> str:

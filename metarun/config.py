@@ -96,6 +96,7 @@ class Conv4Config:
     hidden: int = 64
     downsample: str = "stride"
     blocks: int = 4
+    activation: str = "relu"
 
 
 @dataclass
@@ -149,6 +150,7 @@ class OptimizerConfig:
     _partial_: bool = True
     lr: float = 1e-3
     weight_decay: float = 0.0
+    eps: float | None = None  # Adam's epsilon where a preset sets it (iMAML's authors: 1e-3); null: the optimizer's
 
 
 @dataclass
@@ -189,7 +191,11 @@ class ReptileConfig(AlgorithmConfig):
     inner_optimizer: str = "adam"
     adam_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     adam_eps: float = 1e-8
-    transductive: bool = True
+    inner_loss: str = "sum"
+    train_shots: int | None = None
+    inner_batch: int | None = None
+    eval_inner_batch: int | None = None
+    carry_adam_state: bool = True
 
 
 @dataclass
@@ -197,6 +203,11 @@ class IMAMLConfig(AlgorithmConfig):
     name: str = "imaml"
     lam: float = 2.0
     cg_iterations: int = 5
+    inner_solver: str = "sgd_pullback"
+    system: str = "damped"
+    cg_damping: float = 1.0
+    lam_damping: float = 10.0
+    test_lam: float | None = 0.0
 
 
 @dataclass
@@ -248,6 +259,8 @@ class SupervisedTrainerConfig:
     max_minutes: float | None = None
     evaluate_best: bool = True
     cuda_graph: bool = False
+    transductive: bool = True
+    test_interval: int | None = None
 
 
 @dataclass
@@ -363,6 +376,10 @@ def register_configs() -> None:
     cs.store(group="schema/trainer", name="rl", node=RLTrainerConfig)
 
 
+CAPTURABLE_OPTIMIZERS = ("torch.optim.Adam", "torch.optim.AdamW", "metarun.optim.SGD")
+"""Outer optimizers a CUDA graph can replay (Adam and AdamW made ``capturable`` by the trainer)."""
+
+
 def validate(cfg: DictConfig) -> None:
     """Range checks a type cannot express; raise :class:`ConfigError` naming the first bad key."""
     alg, task, tr = cfg.algorithm, cfg.task, cfg.trainer
@@ -421,9 +438,11 @@ def validate(cfg: DictConfig) -> None:
     need(tr.val_interval >= 1, "trainer.val_interval", ">= 1", tr.val_interval)
     need(tr.val_tasks >= 1, "trainer.val_tasks", ">= 1", tr.val_tasks)
     need(tr.divergence_ratio > 1, "trainer.divergence_ratio", "> 1", tr.divergence_ratio)
-    if tr.cuda_graph:  # their fresh state is all zeros, which the graph's warm-up restores
-        need(alg.outer_optimizer._target_ in ("torch.optim.Adam", "torch.optim.AdamW"),
-             "algorithm.outer_optimizer._target_", "torch.optim.Adam or AdamW with trainer.cuda_graph=true",
-             alg.outer_optimizer._target_)
+    need(tr.test_interval is None or (tr.test_interval >= 1 and tr.test_interval % tr.val_interval == 0),
+         "trainer.test_interval", f"null or a multiple of trainer.val_interval={tr.val_interval}", tr.test_interval)
+    if tr.cuda_graph:  # their fresh state is all zeros, which the graph's warm-up restores; metarun's SGD has none
+        need(alg.outer_optimizer._target_ in CAPTURABLE_OPTIMIZERS, "algorithm.outer_optimizer._target_",
+             f"one of {', '.join(CAPTURABLE_OPTIMIZERS)} with trainer.cuda_graph=true (torch.optim.SGD reads a "
+             "tensor rate with .item(), which a graph cannot capture)", alg.outer_optimizer._target_)
     bad = [s for s in tr.report_steps if not 0 <= s <= alg.test_inner_steps]
     need(not bad, "trainer.report_steps", f"between 0 and algorithm.test_inner_steps={alg.test_inner_steps}", list(tr.report_steps))

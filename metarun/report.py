@@ -198,22 +198,25 @@ def _differing(runs: list[Run], keys_of) -> list[str]:
     return [key for key in keys if len({json.dumps(keys_of(run).get(key), sort_keys=True) for run in runs}) > 1]
 
 
-def group_runs(runs: list[Run]) -> list[Table]:
+def group_runs(runs: list[Run], by: list[str] | None = None) -> list[Table]:
     """A table per (task, trained setting); in each, a configuration per set of runs whose configs
     differ only in the seed. Columns: the overrides that differ between the table's runs, then any
-    config key that still tells configurations apart (runs made with other command lines)."""
+    config key that still tells configurations apart (runs made with other command lines). ``by``
+    names the columns instead: runs that agree on those keys are one row, whatever else differs
+    (``implementation``: metarun, or the reference code a parity driver ran)."""
     by_table: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
         by_table[(run.results["task"], _headline(run.results), run.results["metric"])].append(run)
     tables = []
     for (task, group, metric), members in sorted(by_table.items()):
-        columns = _differing(members, lambda r: r.overrides)
+        columns = list(by) if by else _differing(members, lambda r: r.overrides)
         configs: dict[str, list[Run]] = defaultdict(list)
         for run in members:  # the resolved config, minus seed and paths, identifies a configuration
-            key = json.dumps({k: v for k, v in run.config.items() if not IGNORED.match(k)}, sort_keys=True, default=str)
+            key = (json.dumps([str(setting(run, c)) for c in columns]) if by else
+                   json.dumps({k: v for k, v in run.config.items() if not IGNORED.match(k)}, sort_keys=True, default=str))
             configs[key].append(run)
         groups = list(configs.values())
-        if len({tuple(str(setting(g[0], c)) for c in columns) for g in groups}) < len(groups):
+        if not by and len({tuple(str(setting(g[0], c)) for c in columns) for g in groups}) < len(groups):
             # configurations the overrides do not tell apart: the config keys that do, as columns too
             extra = _differing([g[0] for g in groups], lambda r: r.config)
             columns += [k for k in extra if k not in columns and not any(k.startswith(c + ".") for c in columns)]
@@ -231,11 +234,12 @@ def group_runs(runs: list[Run]) -> list[Table]:
 
 def setting(run: Run, key: str):
     """What a run set ``key`` to: its override, else its config's value (a group's chosen name for a
-    group override such as ``algorithm=anil``), else ``default``."""
+    group override such as ``algorithm=anil``), else ``default`` (``implementation``: ``metarun``, the
+    key a parity driver's run folder names its reference code with)."""
     for value in (run.overrides.get(key), run.config.get(key), run.config.get(f"{key}.name")):
         if value is not None:
             return value
-    return "default"
+    return "metarun" if key == "implementation" else "default"
 
 
 def _sort_key(value):
@@ -502,6 +506,17 @@ def _history(run: Run) -> tuple[list[dict], str | None, str]:
     return [], None, ""
 
 
+def _test_curve(run: Run) -> tuple[list[dict], str | None, int]:
+    """A run's ``test_curve`` (the test protocol at points of training), the key of its metric after
+    the most inner steps it reports, and that number of steps."""
+    curve = run.results.get("test_curve") or []
+    keys = [k for k in (curve[0] if curve else {}) if re.fullmatch(r".+_after_\d+_steps", k) and not k.startswith("ci95")]
+    if not keys:
+        return [], None, 0
+    key = max(keys, key=lambda k: int(k.rsplit("_", 2)[1]))
+    return curve, key, int(key.rsplit("_", 2)[1])
+
+
 def plot_table(table: Table, out: Path) -> list[Path]:
     """The table's figures, as PNG and SVG; returns the files written."""
     import matplotlib
@@ -551,6 +566,30 @@ def plot_table(table: Table, out: Path) -> list[Path]:
             ax.grid(alpha=0.3)
             save(fig, name)
 
+    # the test metric during training (trainer.test_interval, parity drivers), after each run's most test steps
+    if any(r.results.get("test_curve") for conf in table.configurations for r in conf.runs):
+        for axis, name, xlabel in (("iteration", "test_vs_iterations", "outer steps"),
+                                   ("train_seconds", "test_vs_time", "training time (s)")):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for i, conf in enumerate(table.configurations):
+                curves = [_test_curve(r) for r in conf.runs]
+                curves = [c for c in curves if c[0]]
+                if not curves:
+                    continue
+                length = min(len(c[0]) for c in curves)
+                x = [statistics.fmean(float(c[0][j][axis]) for c in curves) for j in range(length)]
+                ys = [[math.nan if c[0][j].get(c[1]) is None else c[0][j][c[1]] * factor for j in range(length)]
+                      for c in curves]
+                steps = sorted({c[2] for c in curves})
+                _band(ax, x, ys, f"{_label(conf, table.columns)} ({'/'.join(map(str, steps))} steps)",
+                      colors[i % len(colors)])
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"test {table.metric}{unit}")
+            ax.set_title(f"{table.title}: test {table.metric} during training (band: ±1 sd over seeds)", fontsize=9)
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+            save(fig, name)
+
     # the adaptation curve: the test metric after 0..k inner steps (meta-RL: return vs gradient steps)
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, conf in enumerate(table.configurations):
@@ -579,7 +618,8 @@ def plot_table(table: Table, out: Path) -> list[Path]:
 # --- the command ----------------------------------------------------------------------------------
 
 
-def build(paths: list[Path], published_file: Path | None = None) -> tuple[list[Table], list[dict], list[str]]:
+def build(paths: list[Path], published_file: Path | None = None,
+          by: list[str] | None = None) -> tuple[list[Table], list[dict], list[str]]:
     """The report's tables, the published entries and notes (runs that did not finish)."""
     folders, unfinished = find_runs(paths)
     if not folders:
@@ -588,7 +628,7 @@ def build(paths: list[Path], published_file: Path | None = None) -> tuple[list[T
         raise ReportError(f"{where}: no run folder found (a folder holding {RUN_FILE}){hint}")
     runs = [read_run(folder) for folder in folders]
     notes = [f"{path}: no {RUN_FILE} (not finished, or stopped: see its metarun.log); left out" for path in unfinished]
-    return group_runs(runs), read_published(published_file), notes
+    return group_runs(runs, by), read_published(published_file), notes
 
 
 def render(tables: list[Table], published: list[dict], command: str) -> tuple[str, str]:
@@ -637,6 +677,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--published", type=Path, help="a YAML list of published numbers: - {task: omniglot, where: "
                    "{task.ways: 5, task.shots: 1}, value: 98.7, source: Finn et al. 2017}")
     p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--by", type=lambda text: [k for k in text.split(",") if k], metavar="KEY[,KEY]",
+                   help="one row per value of these keys, whatever else differs (e.g. implementation,algorithm: "
+                   "metarun beside the reference runs of parity/)")
     p.add_argument("--update", type=Path, nargs="+", metavar="MARKDOWN", help="remake the tables in these Markdown "
                    "files: each between '<!-- metarun report FOLDER ... -->' and '<!-- end of report -->', from the "
                    "folders that line names (relative to the current folder)")
@@ -653,7 +696,7 @@ def _remade(match: re.Match, file: Path) -> str:
     args = parser().parse_args(shlex.split(match["args"]))
     if not args.folders:
         raise ReportError(f"{file}: '<!-- metarun report {match['args']} -->' names no folder")
-    tables, published, _ = build(args.folders, args.published)
+    tables, published, _ = build(args.folders, args.published, args.by)
     parts = []
     for table in tables:
         header, rows = table_rows(table, published)
@@ -690,7 +733,7 @@ def main(argv: list[str]) -> int:
             return 0
         out = args.out or (args.folders[0] / "report" if len(args.folders) == 1 and args.folders[0].is_dir()
                            else Path("report"))
-        tables, published, notes = build(args.folders, args.published)
+        tables, published, notes = build(args.folders, args.published, args.by)
         command = "metarun report " + " ".join(argv)
         md, text = render(tables, published, command)
         written = write(out, md, csv_rows(tables, published))

@@ -47,3 +47,5 @@ class Curve(NamedTuple):
 
     metric: Tensor  # the task family's metric on each query set after 0, 1, ... steps
     loss: Tensor  # the query loss at the same points (a task diverged where it grows far above step 0)
+    other: Tensor | None = None  # the metric with the queries predicted the other way (transductive or not:
+                                 # Algorithm.query_outputs), from the same adaptation, where asked (else NaN)

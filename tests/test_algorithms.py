@@ -115,6 +115,15 @@ def test_mamlpp_multi_step_loss_weights_follow_the_reference_schedule():
     assert all(sum(step_loss_weights(5, e, 15)) == pytest.approx(1.0) for e in range(16))
 
 
+def test_mamlpp_step_weights_are_exact_in_the_parameters_dtype_from_the_start():
+    from metarun.algorithms.mamlpp import step_loss_weights
+
+    model = MLP(1, 1, (8,)).double()
+    mamlpp = algorithm("mamlpp", model, F.mse_loss, inner_steps=3, per_step_norm="false", multi_step_loss_epochs=7)
+    assert mamlpp.loss_weights.dtype == torch.float64
+    assert mamlpp.loss_weights.tolist() == step_loss_weights(3, 0, 7)  # exactly: 1/3 each, not float32's 1/3
+
+
 def test_mamlpp_follows_its_schedules_per_iteration():
     model = MLP(1, 1, (8,)).double()
     mamlpp = algorithm("mamlpp", model, F.mse_loss, inner_steps=5, per_step_norm="false", multi_step_loss_epochs=2,
@@ -133,7 +142,8 @@ def test_reptile_update_equals_a_hand_computation():
     model = MLP(1, 1, ()).double()  # one linear layer
     params = dict(model.named_parameters())
     tasks = sinusoid_tasks(num_tasks=3, shots=4, queries=3)
-    reptile = algorithm("reptile", model, F.mse_loss, inner_optimizer="sgd", inner_lr=0.05, inner_steps=3)
+    reptile = algorithm("reptile", model, F.mse_loss, inner_optimizer="sgd", inner_lr=0.05, inner_steps=3,
+                        inner_loss="mean", inner_batch="null")
     got, _ = reptile.outer_gradient(params, tasks, "loop")
     fast = []
     for sx, sy, qx, qy in zip(*tasks):
@@ -153,7 +163,8 @@ def test_reptile_adam_inner_loop_is_torch_adam_with_beta1_zero():
     # normalisation magnifies, so two correct implementations differ there by 1e-9)
     make_model, make_tasks, loss_fn, _ = CASES["mlp_tanh"]
     model, tasks = make_model(), make_tasks()
-    reptile = algorithm("reptile", model, loss_fn, inner_optimizer="adam", inner_lr=0.01, inner_steps=4)
+    reptile = algorithm("reptile", model, loss_fn, inner_optimizer="adam", inner_lr=0.01, inner_steps=4,
+                        inner_loss="mean", inner_batch="null", carry_adam_state="false")
     sx, sy, qx, qy = (t[0] for t in tasks)
     x, y = torch.cat([sx, qx]), torch.cat([sy, qy])
     reference = {k: p.detach().clone().requires_grad_(True) for k, p in model.named_parameters()}
@@ -191,11 +202,13 @@ def exact_implicit_gradient(model, tasks, lam):
 
 @pytest.mark.parametrize("batching", ["vmap", "loop"])
 def test_imaml_meta_gradient_is_the_exact_implicit_gradient_on_ridge_regression(batching):
+    """The paper's solver and system."""
     model, tasks = ridge_problem()
     exact = exact_implicit_gradient(model, tasks, lam=2.0)
     errors = []
     for cg in (1, 2, 4):
-        imaml = algorithm("imaml", model, F.mse_loss, inner_lr=0.1, inner_steps=400, lam=2.0, cg_iterations=cg)
+        imaml = algorithm("imaml", model, F.mse_loss, inner_lr=0.1, inner_steps=400, lam=2.0, cg_iterations=cg,
+                          inner_solver="proximal_gd", system="paper")
         got = gc.outer_gradient(imaml, dict(model.named_parameters()), tasks, batching)["weight"][0]
         errors.append(float((got - exact).abs().max() / exact.abs().max()))
     assert errors[-1] <= 1e-10  # conjugate gradient is exact in `dim` = 4 steps

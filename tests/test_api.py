@@ -66,7 +66,8 @@ def runner_outputs(run, tasks: TaskBatch, steps: int, shape: torch.Size) -> torc
     params = dict(run.model.named_parameters())
     out = torch.empty(shape, dtype=tasks.query_x.dtype)
     for index in itertools.product(*map(range, shape)):
-        out[index] = run.algorithm.curve(params, tasks, lambda o, y, i=index: o[i], steps).metric[steps, 0]
+        out[index] = run.algorithm.curve(params, tasks, lambda o, y, i=index: o[i], steps,
+                                         run.cfg.trainer.transductive).metric[steps, 0]
     return out
 
 
@@ -320,7 +321,7 @@ ALGORITHMS = {
     "anil": ("algorithm=anil",),  # the body's weights are shared by every task, the head's adapted
     "metasgd": ("algorithm=metasgd", "algorithm.rate_init=uniform"),
     "reptile-nontransductive": ("algorithm=reptile", "algorithm.inner_steps=2", "algorithm.test_inner_steps=10",
-                                "algorithm.transductive=false"),  # predicts each query with the support set
+                                "trainer.transductive=false"),  # predicts each query with the support set
 }
 
 

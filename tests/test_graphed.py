@@ -22,7 +22,7 @@ def batches(run, n):
 
 
 def snapshot(run):
-    return ([p.detach().clone() for p in run.algorithm.meta_parameters().values()],
+    return ([p.detach().clone() for p in [*run.algorithm.meta_parameters().values(), *run.algorithm.buffers()]],
             [{k: v.clone() for k, v in s.items()} for s in run.optimizer.state.values()])
 
 
@@ -37,10 +37,12 @@ def assert_same(a, b):
 @pytest.mark.unit
 @pytest.mark.parametrize("optimizer", ["torch.optim.Adam", "torch.optim.AdamW"])
 @pytest.mark.parametrize("steps_before", [0, 2])  # a fresh optimizer, and one with state (resumed)
-@pytest.mark.parametrize("algorithm", ["maml", "metasgd"])  # Meta-SGD: the algorithm's own rates too
+@pytest.mark.parametrize("algorithm", ["maml", "metasgd", "reptile"])  # Meta-SGD's own rates, Reptile's carried Adam
 def test_warm_up_is_undone_in_place(optimizer, steps_before, algorithm):
     overrides = (f"algorithm={algorithm}", f"algorithm.outer_optimizer._target_={optimizer}",
                  "algorithm.outer_optimizer.weight_decay=0.1")
+    if algorithm == "reptile":  # the inner Adam whose state runs on from step to step
+        overrides += ("algorithm.inner_optimizer=adam", "algorithm.carry_adam_state=true")
     warmed, plain = fresh_run(*overrides), fresh_run(*overrides)
     data = batches(warmed, steps_before + 3)
     for tasks in data[:steps_before]:
@@ -63,13 +65,15 @@ def test_warm_up_is_undone_in_place(optimizer, steps_before, algorithm):
 
 
 @pytest.mark.configs
-def test_cuda_graph_needs_adam():
+def test_cuda_graph_needs_a_capturable_optimizer():
     from metarun.config import validate
     from metarun.utils.errors import ConfigError
 
     cfg = compose_config("debug=smoke", "trainer.cuda_graph=true", "algorithm.outer_optimizer._target_=torch.optim.SGD")
-    with pytest.raises(ConfigError, match="algorithm.outer_optimizer._target_ must be torch.optim.Adam or AdamW"):
+    with pytest.raises(ConfigError, match=r"algorithm.outer_optimizer._target_ must be one of torch.optim.Adam, "
+                                          r"torch.optim.AdamW, metarun.optim.SGD .*reads a tensor rate with .item\(\)"):
         validate(cfg)
+    validate(compose_config("debug=smoke", "trainer.cuda_graph=true", "algorithm=reptile"))  # metarun.optim.SGD
 
 
 @pytest.fixture
@@ -103,14 +107,17 @@ def test_graphed_step_makes_the_eager_updates(task, request, deterministic_cudnn
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "anil", "metasgd", "mamlpp", "imaml"])
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml"])
 def test_graphed_training_makes_the_eager_runs_updates_for_every_algorithm(algorithm, tmp_path, deterministic_cudnn):
     """On a GPU, in float64: a short run with trainer.cuda_graph=true ends with the parameters of the
-    same run without it, for every algorithm whose outer step can be captured; MAML++ switches its
-    derivative order and its loss weights in the middle of the run (the step is captured again) and
-    anneals its outer rate (a tensor the scheduler fills in place)."""
+    same run without it, for every algorithm; MAML++ switches its derivative order and its loss
+    weights in the middle of the run (the step is captured again) and anneals its outer rate (a
+    tensor the scheduler fills in place); Reptile anneals its SGD rate likewise and carries its inner
+    Adam's state (buffers the graph updates in place) from step to step."""
     extra = {"mamlpp": ("algorithm.inner_steps=2", "algorithm.iterations_per_epoch=2", "algorithm.first_order_epochs=1",
                         "algorithm.multi_step_loss_epochs=2", "algorithm.outer_schedule.T_max=6"),
+             "reptile": ("algorithm.inner_optimizer=adam", "algorithm.carry_adam_state=true", "algorithm.inner_steps=3",
+                         "algorithm.test_inner_steps=10"),
              "imaml": ("algorithm.inner_steps=3", "algorithm.test_inner_steps=10")}.get(algorithm, ())
     states = []
     for graph in ("true", "false"):
@@ -119,15 +126,7 @@ def test_graphed_training_makes_the_eager_runs_updates_for_every_algorithm(algor
         sup.run_supervised(cfg, tmp_path / graph)
         states.append(torch.load(tmp_path / graph / "checkpoints" / "last.pt", weights_only=False))
     graphed, eager = states
+    assert algorithm != "reptile" or any(k.startswith("inner_adam.") for k in eager["algorithm"])
     for part in ("model", "algorithm"):
         for k in eager[part]:
             torch.testing.assert_close(graphed[part][k], eager[part][k], rtol=1e-9, atol=1e-12, msg=f"{part}.{k}")
-
-
-@pytest.mark.configs
-def test_reptile_refuses_the_cuda_graph_with_one_line():
-    from metarun.config import validate
-    from metarun.utils.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="trainer.cuda_graph=true is not available for algorithm=reptile"):
-        validate(compose_config("debug=smoke", "algorithm=reptile", "trainer.cuda_graph=true"))

@@ -9,7 +9,9 @@ A trainer knows an algorithm only through :class:`Algorithm`:
   implicit gradient, as iMAML);
 * :meth:`Algorithm.start`, :meth:`Algorithm.adapt_step` and :meth:`Algorithm.weights`: how it adapts
   to one task, step by step; training, evaluation and the figures all adapt through these;
-* :meth:`Algorithm.check`: what it needs of its config and the model.
+* :meth:`Algorithm.check`: what it needs of its config and the model;
+* :meth:`Algorithm.training_tasks`: how a training meta-batch is drawn from the task family (each
+  task's support and query sets; Reptile draws its own training episodes).
 
 The per-task methods are pure functions of tensors, so the same code runs for one task in a Python
 loop (the ``"autograd"`` gradient engine) or for a whole meta-batch under ``torch.func.vmap``
@@ -18,6 +20,7 @@ loop (the ``"autograd"`` gradient engine) or for a whole meta-batch under ``torc
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from functools import partial
 
 import torch
@@ -79,6 +82,11 @@ class Algorithm(nn.Module):
         """What a captured step depends on beyond tensors (a CUDA graph is captured again when it
         changes): the derivative order by default."""
         return (self.first_order,)
+
+    def training_tasks(self, family, count: int, generator: torch.Generator) -> TaskBatch:
+        """``count`` training tasks drawn from the task family with ``generator`` (the run's training
+        stream): each with the family's support and query sets (``task.shots``, ``task.queries``)."""
+        return family.sample(count, family.shots, family.queries, generator).tasks
 
     # --- the meta-parameters -------------------------------------------------------------------
 
@@ -154,25 +162,45 @@ class Algorithm(nn.Module):
 
     # --- evaluation ----------------------------------------------------------------------------
 
-    def query_outputs(self, weights: Params, sx: Tensor, qx: Tensor) -> Tensor:
-        """The model's outputs on a task's query examples at evaluation: all of them in one batch
-        (transductive, as MAML's code; Reptile can predict each with the support set instead)."""
-        return functional_call(self.model, weights, (qx,))
+    def query_outputs(self, weights: Params, sx: Tensor, qx: Tensor, transductive: bool = True) -> Tensor:
+        """The model's outputs on a task's query examples at evaluation.
+
+        ``transductive``: all of them in one batch, so a normalization layer uses the query set's own
+        statistics (MAML's code, and most published numbers). Otherwise each query example is
+        predicted alone in one batch with the support set, so what it is normalized with is the
+        support set's statistics plus its own (Reptile's non-transductive mode; no query example sees
+        another). With no batch-statistics layer in the model both give the same outputs."""
+        if transductive:
+            return functional_call(self.model, weights, (qx,))
+
+        def one(q: Tensor) -> Tensor:
+            return functional_call(self.model, weights, (torch.cat([sx, q[None]]),))[-1]
+
+        return vmap(one)(qx)
 
     @torch.no_grad()  # (torch.func.grad inside still differentiates: it ignores an outer no_grad)
-    def curve(self, params: Params, tasks: TaskBatch, metric_fn, steps: int) -> Curve:
+    def curve(self, params: Params, tasks: TaskBatch, metric_fn, steps: int, transductive: bool = True,
+              other_at: Collection[int] = ()) -> Curve:
         """The metric and the loss on each task's query set after 0, 1, ..., ``steps`` inner steps
-        (no graph kept), each ``[steps + 1, tasks]``."""
+        (no graph kept), each ``[steps + 1, tasks]``, predicting the queries as ``transductive`` says
+        (:meth:`query_outputs`). ``other_at``: after these numbers of steps, also the metric of the
+        other mode, from the same adaptation (``Curve.other``, NaN after the other numbers)."""
         params = {k: p.detach() for k, p in params.items()}
+        other_at = set(other_at)
 
         def one_task(sx, sy, qx, qy):
             state, values = self.start(params), []
             for i in range(steps + 1):
-                out = self.query_outputs(self.weights(state, i), sx, qx)
-                values.append(torch.stack([metric_fn(out, qy), self.loss_fn(out, qy)]))
+                weights = self.weights(state, i)
+                out = self.query_outputs(weights, sx, qx, transductive)
+                row = [metric_fn(out, qy), self.loss_fn(out, qy)]
+                if other_at:
+                    other = metric_fn(self.query_outputs(weights, sx, qx, not transductive), qy) if i in other_at else None
+                    row.append(torch.full_like(row[0], float("nan")) if other is None else other)
+                values.append(torch.stack(row))
                 if i < steps:
                     state = self.adapt_step(state, sx, sy, i, first_order=True)
-            return torch.stack(values)  # [steps + 1, 2]
+            return torch.stack(values)  # [steps + 1, 2 or 3]
 
-        curves = vmap(one_task)(*tasks)  # [tasks, steps + 1, 2]
-        return Curve(curves[..., 0].T, curves[..., 1].T)
+        curves = vmap(one_task)(*tasks)  # [tasks, steps + 1, 2 or 3]
+        return Curve(curves[..., 0].T, curves[..., 1].T, curves[..., 2].T if other_at else None)

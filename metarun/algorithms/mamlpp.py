@@ -91,7 +91,10 @@ class MAMLPlusPlus(Algorithm):
         self.multi_step_loss, self.msl_epochs = bool(cfg.multi_step_loss), int(cfg.multi_step_loss_epochs)
         self.first_order_epochs, self.epoch_length = int(cfg.first_order_epochs), int(cfg.iterations_per_epoch)
         self.second_order_wanted = not self.first_order
-        self.register_buffer("loss_weights", torch.tensor(step_loss_weights(max(steps, 1), 0, self.msl_epochs)))
+        # in the parameters' dtype from the start: a float64 step before the first on_iteration must not see
+        # float32 weights (off by 3e-8)
+        self.register_buffer("loss_weights", torch.tensor(step_loss_weights(max(steps, 1), 0, self.msl_epochs),
+                                                          dtype=next(model.parameters()).dtype))
         self.msl_active = self.multi_step_loss and self.msl_epochs > 0
         self.on_iteration(0)
 

@@ -37,8 +37,16 @@ def leaves(params: Params) -> Params:
 
 
 def outer_gradient(algorithm, params: Params, tasks: TaskBatch, batching: str) -> Params:
-    """The algorithm's outer direction for every meta-parameter, at fresh leaves of ``params``."""
-    return algorithm.outer_gradient(leaves(params), tasks, batching)[0]
+    """The algorithm's outer direction for every meta-parameter, at fresh leaves of ``params``, from
+    the algorithm's state as it is: state an outer step carries on (Reptile's inner Adam) is put back
+    afterwards, so comparisons see the same state."""
+    kept = {k: b.clone() for k, b in algorithm.named_buffers()}
+    try:
+        return algorithm.outer_gradient(leaves(params), tasks, batching)[0]
+    finally:
+        with torch.no_grad():
+            for k, b in algorithm.named_buffers():
+                b.copy_(kept[k])
 
 
 def vmap_vs_loop(algorithm, params: Params, tasks: TaskBatch) -> float:

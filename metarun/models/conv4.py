@@ -1,7 +1,7 @@
 """The MAML paper's four-block convolutional network.
 
-Each block is 3x3 conv -> batch norm -> ReLU, then either stride 2 (Omniglot) or 2x2 max-pool
-(MiniImagenet); a linear head classifies. Normalization always uses the statistics of the batch
+Each block is 3x3 conv -> batch norm -> ReLU (or leaky ReLU, as MAML++'s code), then either stride 2
+(Omniglot) or 2x2 max-pool (MiniImagenet); a linear head classifies. Normalization always uses the statistics of the batch
 it is given, at training and at test time, as in the paper's code (:class:`BatchStatNorm`, which
 says why it is not ``nn.BatchNorm2d``).
 """
@@ -24,6 +24,7 @@ class Conv4(nn.Module):
         image_size: input height = width; paper: 28 (Omniglot), 84 (MiniImagenet).
         downsample: ``"stride"`` (stride-2 convs, Omniglot) or ``"maxpool"`` (2x2 max-pool).
         blocks: number of conv blocks; paper: 4.
+        activation: ``"relu"`` (the paper's) or ``"leaky_relu"`` (slope 0.01, MAML++'s reference code).
     """
 
     def __init__(
@@ -34,15 +35,19 @@ class Conv4(nn.Module):
         image_size: int = 28,
         downsample: str = "stride",
         blocks: int = 4,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         if downsample not in ("stride", "maxpool"):
             raise ConfigError(f"model.downsample must be 'stride' or 'maxpool', got {downsample!r}")
+        if activation not in ("relu", "leaky_relu"):
+            raise ConfigError(f"model.activation must be 'relu' or 'leaky_relu', got {activation!r}")
         layers: list[nn.Module] = []
         channels, size = in_channels, image_size
         for _ in range(blocks):
             stride = 2 if downsample == "stride" else 1
-            layers += [nn.Conv2d(channels, hidden, 3, stride=stride, padding=1), BatchStatNorm(hidden), nn.ReLU()]
+            act = nn.ReLU() if activation == "relu" else nn.LeakyReLU(0.01)
+            layers += [nn.Conv2d(channels, hidden, 3, stride=stride, padding=1), BatchStatNorm(hidden), act]
             if downsample == "maxpool":
                 layers.append(nn.MaxPool2d(2))
                 size = size // 2

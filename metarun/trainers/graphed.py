@@ -21,10 +21,11 @@ from metarun.types import TaskBatch
 
 @torch.no_grad()
 def warm_up_and_undo(step: Callable, run, tasks: TaskBatch, times: int) -> None:
-    """Call ``step(run, tasks)`` ``times`` times, then put the parameters and the optimizer state
-    back as they were, in place (the tensors keep their addresses, which a graph records). State
-    that did not exist before (a fresh Adam) is zeroed, which is Adam's and AdamW's initial state."""
-    meta_parameters = list(run.algorithm.meta_parameters().values())
+    """Call ``step(run, tasks)`` ``times`` times, then put the parameters, the algorithm's buffers
+    (Reptile's carried inner Adam) and the optimizer state back as they were, in place (the tensors
+    keep their addresses, which a graph records). State that did not exist before (a fresh Adam) is
+    zeroed, which is Adam's and AdamW's initial state."""
+    meta_parameters = [*run.algorithm.meta_parameters().values(), *run.algorithm.buffers()]
     params = [p.detach().clone() for p in meta_parameters]
     before = {id(t): t.clone() for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t)}
     with torch.enable_grad():

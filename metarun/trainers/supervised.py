@@ -25,6 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 from metarun import __version__, distributed
 from metarun.algorithms import Algorithm, build
 from metarun.meta import refuse_torch_batch_norm, resolve_batching
+from metarun.models.norm import BatchStatNorm
 from metarun.trainers.graphed import GraphedMetaStep
 from metarun.trainers.loop import train_loop
 from metarun.trainers.results import (
@@ -62,6 +63,7 @@ class Run:
     best: float | None = None  # best validation score so far (selects checkpoints/best.pt)
     train_seconds: float = 0.0  # time spent in training steps, across resumes
     history: list[dict] = field(default_factory=list)  # every validation: iteration, seconds, scores
+    test_curve: list[dict] = field(default_factory=list)  # trainer.test_interval: the test means during training
     sittings: list[dict] = field(default_factory=list)  # each stretch of training between resumes
 
 
@@ -84,10 +86,13 @@ def setup(cfg: DictConfig, run_dir: Path, batching: str | None = None) -> Run:
         raise ConfigError(f"trainer.cuda_graph=true needs a CUDA device, but the run is on {device}")
     # a CUDA graph replays the optimizer step too: its state must live on the device (capturable),
     # and a scheduled rate too (a tensor the scheduler fills in place)
-    extra = {"capturable": True} if cfg.trainer.cuda_graph else {}
+    capturable = cfg.trainer.cuda_graph and cfg.algorithm.outer_optimizer._target_ != "metarun.optim.SGD"
+    extra = {"capturable": True} if capturable else {}
     if cfg.trainer.cuda_graph and cfg.algorithm.outer_schedule:
         extra["lr"] = torch.tensor(float(cfg.algorithm.outer_optimizer.lr), device=device, dtype=dtype)
-    optimizer = instantiate(cfg.algorithm.outer_optimizer, **extra)(algorithm.meta_parameters().values())
+    spec = {k: v for k, v in OmegaConf.to_container(cfg.algorithm.outer_optimizer, resolve=True).items()
+            if v is not None}  # (a key left null takes the optimizer's own default: Adam's eps)
+    optimizer = instantiate(spec, **extra)(algorithm.meta_parameters().values())
     # the outer rate's schedule (MAML++'s cosine annealing, Reptile's linear one), stepped every iteration
     scheduler = instantiate(cfg.algorithm.outer_schedule)(optimizer) if cfg.algorithm.outer_schedule else None
     # Training tasks come from their own generator, on the device, so the stream is
@@ -111,9 +116,9 @@ def setup(cfg: DictConfig, run_dir: Path, batching: str | None = None) -> Run:
 
 def sample_meta_batch(run: Run, generator: torch.Generator | None = None) -> TaskBatch:
     """This process's tasks of a training meta-batch (all ``algorithm.meta_batch_size`` of them
-    without torchrun), drawn from its training stream (or from ``generator``)."""
-    return run.task.sample(run.tasks_per_rank, run.task.shots, run.task.queries,
-                           generator or run.generators["train"]).tasks
+    without torchrun), drawn from its training stream (or from ``generator``) as the algorithm draws
+    them (:meth:`~metarun.algorithms.base.Algorithm.training_tasks`)."""
+    return run.algorithm.training_tasks(run.task, run.tasks_per_rank, generator or run.generators["train"])
 
 
 def fixed_generator(run: Run, seed: int) -> torch.Generator:
@@ -167,6 +172,7 @@ def save(run: Run, name: str = checkpoint.LAST) -> Path | None:
         "best": run.best,
         "train_seconds": run.train_seconds,
         "history": run.history,
+        "test_curve": run.test_curve,
         "sittings": run.sittings,
     }
     if ranks is not None:  # every rank's task stream, to continue each on the same number of ranks
@@ -185,6 +191,7 @@ def restore(run: Run, state: dict) -> None:
     run.best = state.get("best")
     run.train_seconds = state.get("train_seconds", 0.0)
     run.history = list(state.get("history", []))
+    run.test_curve = list(state.get("test_curve", []))
     run.sittings = [dict(s) for s in state.get("sittings", [])]
     ranks = state.get("rng_ranks") or [state["rng"]]
     if distributed.rank() < len(ranks):
@@ -213,8 +220,9 @@ def meta_step(run: Run, tasks) -> torch.Tensor:
     return loss
 
 
-def fixed_curve(run: Run, tasks: TaskBatch, chunk: int = 100) -> Curve:
-    """The adaptation curve (:meth:`Algorithm.curve`) of a fixed task set, ``chunk`` tasks at a time.
+def fixed_curve(run: Run, tasks: TaskBatch, chunk: int = 100, other_at: tuple[int, ...] = ()) -> Curve:
+    """The adaptation curve (:meth:`Algorithm.curve`) of a fixed task set, ``chunk`` tasks at a time,
+    the queries predicted as ``trainer.transductive`` says (and after ``other_at`` steps the other way too).
     Under torchrun the chunks are shared out over the ranks and gathered, and are the same chunks
     for every world size, so the numbers are too."""
     params = dict(run.model.named_parameters())
@@ -222,10 +230,20 @@ def fixed_curve(run: Run, tasks: TaskBatch, chunk: int = 100) -> Curve:
     parts = {}
     for start in distributed.shard(count, chunk):
         part = run.algorithm.curve(params, type(tasks)(*(t[start:start + chunk] for t in tasks)), run.task.metric_fn,
-                                   run.cfg.algorithm.test_inner_steps)
-        parts[start] = part if distributed.world_size() == 1 else Curve(part.metric.cpu(), part.loss.cpu())
+                                   run.cfg.algorithm.test_inner_steps, run.cfg.trainer.transductive, other_at)
+        parts[start] = part if distributed.world_size() == 1 else Curve(*(None if t is None else t.cpu() for t in part))
     parts = distributed.gather_chunks(parts, "evaluation") if distributed.world_size() > 1 else list(parts.values())
-    return Curve(*(torch.cat(values, dim=1).to(run.device) for values in zip(*parts)))
+    return Curve(*(None if values[0] is None else torch.cat(values, dim=1).to(run.device) for values in zip(*parts)))
+
+
+def query_modes_differ(model: torch.nn.Module) -> bool:
+    """Whether predicting the queries transductively or not can change the outputs: the model
+    normalizes with batch statistics."""
+    return any(isinstance(m, BatchStatNorm) for m in model.modules())
+
+
+def mode_name(transductive: bool) -> str:
+    return "transductive" if transductive else "non-transductive"
 
 
 def validate(run: Run, writer: SummaryWriter | None, val_tasks) -> dict[str, float]:
@@ -233,7 +251,7 @@ def validate(run: Run, writer: SummaryWriter | None, val_tasks) -> dict[str, flo
     part; rank 0 writes)."""
     alg = run.cfg.algorithm
     params = dict(run.model.named_parameters())
-    curve = fixed_curve(run, val_tasks).metric.mean(dim=1)
+    curve = fixed_curve(run, val_tasks).metric.mean(dim=1)  # (the queries predicted as trainer.transductive says)
     name = run.task.metric_name
     steps = sorted({0, min(alg.inner_steps, alg.test_inner_steps), alg.test_inner_steps, *run.cfg.trainer.report_steps})
     scores = {f"{name}_after_{s}_steps": float(curve[s]) for s in steps}
@@ -243,6 +261,9 @@ def validate(run: Run, writer: SummaryWriter | None, val_tasks) -> dict[str, flo
         writer.add_scalar("val/train_seconds", run.train_seconds, run.iteration)  # score against training time
     run.history.append({"iteration": run.iteration, "train_seconds": run.train_seconds,
                         **{k: v if math.isfinite(v) else None for k, v in scores.items()}})
+    tr = run.cfg.trainer
+    if tr.test_interval and (run.iteration % tr.test_interval == 0 or run.iteration == tr.iterations):
+        run.test_curve.append(test_point(run))  # (every rank takes part, as in the evaluation)
     # the checkpoint with the best score after test_inner_steps steps is kept as best.pt
     score = float(curve[alg.test_inner_steps])
     sign = 1 if run.task.lower_is_better else -1
@@ -289,31 +310,58 @@ def evaluate(run: Run, chunk: int = 100) -> dict:
     each task's query set after every report step, mean +- 95 % CI; for the K the model was trained
     with (the headline, first) and every other K of ``task.test_shots``. A task whose query loss
     ends ``trainer.divergence_ratio`` times above its loss before adapting is counted as diverged,
-    and each cell also gives the mean without such tasks."""
+    and each cell also gives the mean without such tasks. The queries are predicted as
+    ``trainer.transductive`` says; for a model with batch-statistics norm layers the other way too,
+    from the same adaptation (``<K>-shot, <mode>`` entries)."""
     cfg, tr, alg = run.cfg, run.cfg.trainer, run.cfg.algorithm
     name = run.task.metric_name
     headline = f"{run.task.shots}-shot"
     results = {"task": cfg.task.name, "iteration": run.iteration, "test_tasks": tr.test_tasks,
                "test_seed": tr.test_seed, "inner_lr": alg.inner_lr, "metric": name,
                "lower_is_better": run.task.lower_is_better, "headline": headline,
-               "divergence_ratio": tr.divergence_ratio, "results": {}, "curve": {}}
+               "transductive": bool(tr.transductive), "divergence_ratio": tr.divergence_ratio,
+               "results": {}, "curve": {}}
     results["training"] = training_summary(run.iteration, run.train_seconds, run.device, run.sittings)
     # where the run stopped (its last validation), which can be past the evaluated (best) checkpoint
     last = run.history[-1] if run.history else {"iteration": run.iteration, "train_seconds": run.train_seconds}
     results["training"]["iterations_reached"] = last["iteration"]
     results["training"]["train_seconds_reached"] = last["train_seconds"]
     results["validation"] = run.history
+    if run.test_curve:
+        results["test_curve"] = run.test_curve
+    other = tuple(report_steps(run.cfg)) if query_modes_differ(run.model) else ()
     for shots in dict.fromkeys([run.task.shots, *run.task.test_shots]):  # the trained K first, once
-        # all test tasks drawn at once from the fixed seed, so the set never depends on the chunks
-        tasks = run.task.sample(tr.test_tasks, shots, run.task.test_queries, fixed_generator(run, tr.test_seed),
-                                split="test").tasks
-        curve = fixed_curve(run, tasks, chunk)
+        key = f"{shots}-shot"
+        curve = test_curve(run, shots, chunk, other)
         metric = curve.metric  # [steps + 1, tasks]
         diverged = diverged_tasks(curve.loss, tr.divergence_ratio)
-        key = f"{shots}-shot"
         results["results"][key] = {f"after_{s}_steps": summarize(metric[s], diverged[s]) for s in report_steps(run.cfg)}
         results["curve"][key] = [float(v) for v in metric.double().mean(dim=1)]
+        if other:  # the same adaptation, the queries predicted the other way
+            results["results"][f"{key}, {mode_name(not tr.transductive)}"] = {
+                f"after_{s}_steps": summarize(curve.other[s]) for s in report_steps(run.cfg)}
     return results
+
+
+def test_curve(run: Run, shots: int, chunk: int = 100, other_at: tuple[int, ...] = ()) -> Curve:
+    """The adaptation curve of the test protocol's tasks with ``shots`` support examples per class:
+    all drawn at once from the fixed test seed, so the set never depends on the chunks."""
+    tr = run.cfg.trainer
+    tasks = run.task.sample(tr.test_tasks, shots, run.task.test_queries, fixed_generator(run, tr.test_seed),
+                            split="test").tasks
+    return fixed_curve(run, tasks, chunk, other_at)
+
+
+def test_point(run: Run) -> dict:
+    """``trainer.test_interval``: the test protocol's means at this point of training (the trained K,
+    every report step), for a learning curve on the test tasks; never used to choose a checkpoint."""
+    curve = test_curve(run, run.task.shots)
+    name = run.task.metric_name
+    point = {"iteration": run.iteration, "train_seconds": run.train_seconds}
+    for s in report_steps(run.cfg):
+        cell = summarize(curve.metric[s])
+        point[f"{name}_after_{s}_steps"], point[f"ci95_after_{s}_steps"] = cell["mean"], cell["ci95"]
+    return point
 
 
 # --- entry ----------------------------------------------------------------------------------------
@@ -331,12 +379,13 @@ def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, ev
     if eval_only:  # best.pt knows the validations up to itself; last.pt, the run's whole history
         last = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST
         try:
-            history = checkpoint.load(last).get("history", []) if last.is_file() else []
+            saved = checkpoint.load(last) if last.is_file() else {}
         except CheckpointError as exc:
             log.warning("%s; results.json keeps the history up to the evaluated checkpoint", exc)
-            history = []
-        if len(history) > len(run.history):
-            run.history = list(history)
+            saved = {}
+        for field_name, kept in (("history", run.history), ("test_curve", run.test_curve)):
+            if len(saved.get(field_name, [])) > len(kept):
+                setattr(run, field_name, list(saved[field_name]))
     else:
         train(run)
         best = run.run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.BEST
