@@ -271,12 +271,13 @@ class Pooled:
 def pooled(configuration: Configuration, group: str, step: int) -> Pooled:
     """The test metric after ``step`` inner steps, pooled over the configuration's seeds."""
     cells = [run.results["results"].get(group, {}).get(f"after_{step}_steps") for run in configuration.runs]
-    means = [c["mean"] for c in cells if c and c.get("mean") is not None and math.isfinite(c["mean"])]
+    cells = [c for c in cells if c]  # (a run that does not report this step: not counted)
+    means = [c["mean"] for c in cells if c.get("mean") is not None and math.isfinite(c["mean"])]
     sd = statistics.stdev(means) if len(means) >= 2 else None
-    kept = [c.get("mean_without_diverged") for c in cells if c]
+    kept = [c.get("mean_without_diverged") for c in cells]
     kept = [k for k in kept if k is not None and math.isfinite(k)]
     return Pooled(statistics.fmean(means) if means else None, sd, len(means), len(cells),
-                  [c.get("ci95") if c else None for c in cells], [c.get("diverged_tasks") if c else None for c in cells],
+                  [c.get("ci95") for c in cells], [c.get("diverged_tasks") for c in cells],
                   statistics.fmean(kept) if kept else None, statistics.stdev(kept) if len(kept) >= 2 else None)
 
 
@@ -328,8 +329,10 @@ def _fmt(value: float | None, metric: str) -> str:
 
 
 def _pooled_text(p: Pooled, metric: str) -> str:
+    if p.runs == 0:
+        return "–"  # no run of the configuration reports it
     if p.mean is None:
-        return "non-finite" if p.runs else "n/a"
+        return "non-finite"
     text = _fmt(p.mean, metric)
     if p.sd is not None:
         spread = _fmt(p.sd, metric)
@@ -349,18 +352,41 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _own_steps(conf: Configuration, group: str) -> int:
+    """The most inner steps the configuration's results report: its headline (an algorithm's own
+    number of test steps: Reptile's 50, Meta-SGD's 1)."""
+    return max(_steps(conf.runs[0].results["results"].get(group) or {"after_0_steps": None}))
+
+
+def _other_mode(conf: Configuration, group: str) -> str | None:
+    """The results entry of the other query mode (``1-shot, non-transductive``), where the runs have one."""
+    for mode in ("non-transductive", "transductive"):
+        if f"{group}, {mode}" in conf.runs[0].results["results"]:
+            return f"{group}, {mode}"
+    return None
+
+
 def table_rows(table: Table, published: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """The header and rows of a table as text cells."""
-    first = table.configurations[0].runs[0].results["results"][table.group]
-    steps = _steps(first)
+    """The header and rows of a table as text cells. The step columns are every step any
+    configuration reports ("–" where one does not); where the configurations' own numbers of test
+    steps differ (each algorithm's protocol), a column gives each one's headline after its own."""
+    steps = sorted({s for conf in table.configurations for r in conf.runs
+                    for s in _steps(r.results["results"].get(table.group) or {})})
+    own = {id(conf): _own_steps(conf, table.group) for conf in table.configurations}
+    mixed = len(set(own.values())) > 1
+    last_label = "its test steps" if mixed else str(steps[-1])
     factor, unit = _scale(table.metric)
+    other = any(_other_mode(conf, table.group) for conf in table.configurations)
     header = [*table.columns, "seeds",
               *[f"{table.metric}{unit} after {s} step{'s' * (s != 1)}" for s in steps],
-              f"per-run 95 % CI (after {steps[-1]})", "iterations", "train s", "ms/iter", "commit", "metarun"]
-    diverging = _diverging(table, steps[-1])
+              *([f"{table.metric}{unit} after its test steps"] if mixed else []),
+              *([f"the other query mode, after {last_label}"] if other else []),
+              f"per-run 95 % CI (after {last_label})", "iterations", "train s", "ms/iter", "commit", "metarun"]
+    diverging = any(d for conf in table.configurations
+                    for d in pooled(conf, table.group, own[id(conf)]).diverged)
     if diverging:  # a few diverged test tasks can dominate a mean: how many, and the mean without them
-        header[len(table.columns) + 1 + len(steps):len(table.columns) + 1 + len(steps)] = [
-            f"diverged tasks per run (after {steps[-1]})", f"after {steps[-1]}, without diverged tasks"]
+        at = header.index(f"per-run 95 % CI (after {last_label})")
+        header[at:at] = [f"diverged tasks per run (after {last_label})", f"after {last_label}, without diverged tasks"]
     if published:
         header.append("published")
     rows = []
@@ -368,7 +394,13 @@ def table_rows(table: Table, published: list[dict]) -> tuple[list[str], list[lis
         cells = [_short(conf.settings[c]) for c in table.columns]
         cells.append(",".join(str(r.seed) for r in conf.runs))
         cells += [_pooled_text(pooled(conf, table.group, s), table.metric) for s in steps]
-        last = pooled(conf, table.group, steps[-1])
+        last = pooled(conf, table.group, own[id(conf)])
+        if mixed:
+            cells.append(f"{_pooled_text(last, table.metric)} after {own[id(conf)]}")
+        if other:
+            mode = _other_mode(conf, table.group)
+            cells.append("–" if mode is None else
+                         f"{_pooled_text(pooled(conf, mode, own[id(conf)]), table.metric)} ({mode.split(', ')[1]})")
         if diverging:
             cells.append(",".join("n/a" if d is None else str(d) for d in last.diverged))
             cells.append(_pooled_text(Pooled(last.without, last.without_sd, len(last.ci95), len(last.ci95), [], []),
@@ -386,10 +418,6 @@ def table_rows(table: Table, published: list[dict]) -> tuple[list[str], list[lis
                                                                           if match.get("source") else ""))
         rows.append(cells)
     return header, rows
-
-
-def _diverging(table: Table, step: int) -> bool:
-    return any(d for conf in table.configurations for d in pooled(conf, table.group, step).diverged)
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
