@@ -9,8 +9,8 @@ the very 600 tasks metarun tests on) with the reference's own test-time procedur
 * ``results.json``: metarun's layout (``results`` for the last point, ``test_curve`` for every point),
   so ``metarun report parity/runs/<algorithm>`` puts the reference beside metarun's own runs, a row
   per implementation, seeds pooled, and plots test accuracy against outer steps;
-* ``config.yaml``: ``implementation`` (``reference`` here, ``metarun`` in metarun's runs made with
-  ``+implementation=metarun``), the reference's repository and commit, the seed and every value used;
+* ``config.yaml``: ``implementation`` (the reference's ``owner/repo@commit``; ``metarun report --by
+  implementation`` calls metarun's own runs ``metarun``), the full commit, the seed and every value used;
 * ``run_info.json``: the command line and the seed.
 """
 
@@ -93,7 +93,8 @@ def write_run(out: str | Path, *, algorithm: str, reference: str, seed: int, con
         "validation": [], "test_curve": test_curve,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    flat = {"implementation": "reference", "reference": reference, "seed": seed,
+    repo, _, commit = reference.partition("@")
+    flat = {"implementation": f"{repo}@{commit[:7]}", "reference": reference, "seed": seed,
             "algorithm": {"name": algorithm}, "task": {"name": "omniglot", "shots": shots}, "values": config}
     (out / "config.yaml").write_text(json.dumps(flat, indent=2) + "\n")  # (JSON is YAML)
     info = {"seed": seed, "argv": sys.argv, "cwd": os.getcwd(), "versions": {"reference": reference}}
