@@ -28,7 +28,7 @@ def params_of(run_dir):
 
 # every algorithm with what it carries across a resume: learned rates and norm weights (Meta-SGD,
 # MAML++), schedules of the outer rate (MAML++, Reptile: set for 12 iterations in both runs) and of
-# MAML++'s loss weights and derivative order
+# MAML++'s loss weights and derivative order, Reptile's carried inner Adam
 RESUMED = {
     "maml-vmap": ("algorithm=maml", "algorithm.batching=vmap"),
     "maml-loop": ("algorithm=maml", "algorithm.batching=loop"),
@@ -36,6 +36,10 @@ RESUMED = {
     "mamlpp": ("algorithm=mamlpp", "algorithm.learned_rates=true", "algorithm.inner_steps=2", "algorithm.outer_schedule.T_max=12",
                "algorithm.iterations_per_epoch=2", "algorithm.multi_step_loss_epochs=3", "algorithm.first_order_epochs=2"),
     "reptile": ("algorithm=reptile", "algorithm.inner_steps=3", "algorithm.outer_schedule.total_iters=12"),
+    # the reference's protocol: minibatches of the training episode, one inner Adam carried through the run
+    "reptile-carried-adam": ("algorithm=reptile", "algorithm.inner_optimizer=adam", "algorithm.carry_adam_state=true",
+                             "algorithm.train_shots=6", "algorithm.inner_batch=4", "algorithm.inner_steps=3",
+                             "algorithm.outer_schedule.total_iters=12"),
     "imaml": ("algorithm=imaml", "algorithm.inner_steps=3", "algorithm.test_inner_steps=10"),
 }
 
@@ -64,7 +68,8 @@ def test_resume_is_exact(tmp_path, name):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), (part, k)
-    assert (first["algorithm"] != {}) == (name in ("metasgd", "mamlpp"))  # learned rates are checkpointed
+    # learned rates and Reptile's carried Adam are checkpointed
+    assert (first["algorithm"] != {}) == (name in ("metasgd", "mamlpp", "reptile-carried-adam"))
     a = params_of(straight)
     # and it differs from a run that was not resumed from its own state (the test can fail)
     other = tmp_path / "other"
