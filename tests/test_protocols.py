@@ -14,7 +14,6 @@ from metarun.meta import gradcheck as gc
 from metarun.models import MLP
 from metarun.optim import SGD
 from metarun.tasks.sinusoid import SinusoidTasks
-from metarun.types import TaskBatch
 from tests.test_algorithms import ridge_problem
 from tests.test_meta_gradients import CASES, algorithm
 
@@ -51,25 +50,28 @@ def test_reptile_training_tasks_are_laid_out_as_minibatches_without_replacement(
     assert plain.training_tasks(family, 2, torch.Generator().manual_seed(0)).support_x.shape == (2, 5, 1)
 
 
-def torch_adam_reptile(model, tasks, lr, batch, steps):
-    """The reference's Reptile step by hand: one torch Adam (beta1 = 0) running on through every task
-    in order, the weights put back before each task, summed minibatch losses."""
+def torch_adam_reptile(model, batches, lr, batch, steps):
+    """The reference's Reptile by hand: one torch Adam (beta1 = 0) running on through every task of
+    every meta-batch in order, the weights put back before each task, summed minibatch losses.
+    Returns each meta-batch's direction (all from the same theta), the Adam and its parameters."""
     theta = {k: p.detach().clone() for k, p in model.named_parameters()}
     live = {k: p.clone().requires_grad_(True) for k, p in theta.items()}
     adam = torch.optim.Adam(live.values(), lr=lr, betas=(0.0, 0.999), eps=1e-8)
-    fast = []
-    for x, y in zip(tasks.support_x, tasks.support_y):
-        with torch.no_grad():
-            for k in live:
-                live[k].copy_(theta[k])
-        for i in range(steps):
-            xb, yb = x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]
-            adam.zero_grad()
-            (F.mse_loss(functional_call(model, live, (xb,)), yb) * len(xb)).backward()
-            adam.step()
-        fast.append({k: p.detach().clone() for k, p in live.items()})
-    direction = {k: theta[k] - sum(f[k] for f in fast) / len(fast) for k in theta}
-    return direction, adam, live
+    directions = []
+    for tasks in batches:
+        fast = []
+        for x, y in zip(tasks.support_x, tasks.support_y):
+            with torch.no_grad():
+                for k in live:
+                    live[k].copy_(theta[k])
+            for i in range(steps):
+                xb, yb = x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]
+                adam.zero_grad()
+                (F.mse_loss(functional_call(model, live, (xb,)), yb) * len(xb)).backward()
+                adam.step()
+            fast.append({k: p.detach().clone() for k, p in live.items()})
+        directions.append({k: theta[k] - sum(f[k] for f in fast) / len(fast) for k in theta})
+    return directions, adam, live
 
 
 def test_reptile_carries_one_adam_state_through_the_tasks_as_the_reference():
@@ -78,41 +80,20 @@ def test_reptile_carries_one_adam_state_through_the_tasks_as_the_reference():
                         inner_batch=4, inner_steps=3, carry_adam_state="true", inner_loss="sum")
     family = Family()
     batches = [reptile.training_tasks(family, 3, torch.Generator().manual_seed(s)) for s in (1, 2)]
-    # two outer steps' worth of tasks, the Adam state running on from the first into the second
-    both = TaskBatch(*(torch.cat([a, b]) for a, b in zip(*batches)))
-    want, adam, live = torch_adam_reptile(model, both, lr=0.01, batch=4, steps=3)
+    want, adam, live = torch_adam_reptile(model, batches, lr=0.01, batch=4, steps=3)
     params = dict(model.named_parameters())
-    reptile.outer_gradient(params, batches[0], "loop")
-    # (the second step from the same theta: the reference's second meta-batch, minus the outer move)
+    first, _ = reptile.outer_gradient(params, batches[0], "loop")
+    # the second meta-batch from the same theta (the reference's, minus the outer move), the state run on
     second, _ = reptile.outer_gradient(params, batches[1], "vmap")
-    want_second = torch_adam_reptile_second(model, batches, lr=0.01, batch=4, steps=3)
     for k in params:
-        torch.testing.assert_close(second[k], want_second[k], rtol=1e-9, atol=1e-12)
-        state = adam.state[live[k]]
-        torch.testing.assert_close(reptile.carried("v", k), state["exp_avg_sq"], rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(first[k], want[0][k], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(second[k], want[1][k], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(reptile.carried("v", k), adam.state[live[k]]["exp_avg_sq"], rtol=1e-9, atol=1e-15)
     assert float(reptile.inner_adam.t) == 18  # 2 meta-batches x 3 tasks x 3 steps
     # a fresh state per task differs: the switch matters
     fresh = algorithm("reptile", model, F.mse_loss, inner_optimizer="adam", inner_lr=0.01, train_shots=6,
                       inner_batch=4, inner_steps=3, carry_adam_state="false", inner_loss="sum")
-    assert gc.relative_error(gc.outer_gradient(fresh, params, batches[1], "loop"), want_second) > 1e-3
-
-
-def torch_adam_reptile_second(model, batches, lr, batch, steps):
-    """The direction of the second meta-batch when the first ran before it with the same Adam."""
-    first, adam, live = torch_adam_reptile(model, batches[0], lr, batch, steps)
-    theta = {k: p.detach().clone() for k, p in model.named_parameters()}
-    fast = []
-    for x, y in zip(batches[1].support_x, batches[1].support_y):
-        with torch.no_grad():
-            for k in live:
-                live[k].copy_(theta[k])
-        for i in range(steps):
-            xb, yb = x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]
-            adam.zero_grad()
-            (F.mse_loss(functional_call(model, live, (xb,)), yb) * len(xb)).backward()
-            adam.step()
-        fast.append({k: p.detach().clone() for k, p in live.items()})
-    return {k: theta[k] - sum(f[k] for f in fast) / len(fast) for k in theta}
+    assert gc.relative_error(gc.outer_gradient(fresh, params, batches[1], "loop"), want[1]) > 1e-3
 
 
 def test_reptile_evaluation_starts_from_the_carried_state_and_leaves_it():
