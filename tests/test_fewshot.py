@@ -91,9 +91,13 @@ def test_omniglot_preset_runs_end_to_end_on_real_data(cli, omniglot_cache, prese
     assert proc.returncode == 0, proc.stderr
     run = only_run_dir(cli.cwd)
     results = json.loads((run / "results.json").read_text())
-    assert results["metric"] == "accuracy" and set(results["results"]) == {"1-shot"}
-    for value in results["results"]["1-shot"].values():
-        assert 0.0 <= value["mean"] <= 1.0
+    # the headline, transductive, and from the same adaptation the queries predicted each with the support set
+    assert results["metric"] == "accuracy" and set(results["results"]) == {"1-shot", "1-shot, non-transductive"}
+    assert results["transductive"] is True
+    for row in results["results"].values():
+        for value in row.values():
+            assert 0.0 <= value["mean"] <= 1.0
+    assert "1-shot, non-transductive" in proc.stdout
     assert (run / "checkpoints" / "best.pt").is_file()
     assert "1-shot" in proc.stdout
     assert f"Omniglot: read the 28x28 cache {omniglot_cache / 'omniglot_28x28_uint8_v1.pt'}" in (run / "metarun.log").read_text()

@@ -178,6 +178,29 @@ def test_metarun_sgd_makes_torch_sgds_updates():
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
 
 
+# --- every algorithm: transductive or not ---------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["maml", "anil", "metasgd", "mamlpp", "reptile", "imaml"])
+def test_every_algorithm_predicts_the_queries_transductively_or_each_with_the_support_set(name):
+    """Non-transductive: each query example in one batch with the support set, by hand; the same
+    adaptation gives both modes in one curve; with batch norm the modes differ."""
+    make_model, make_tasks, loss_fn, lr = CASES["conv4_omniglot"]
+    model, tasks = make_model(), make_tasks()
+    params = dict(model.named_parameters())
+    alg = algorithm(name, model, loss_fn, inner_lr=lr / 10, inner_steps=2)
+    sx, qx = tasks.support_x[0], tasks.query_x[0]
+    alone = alg.query_outputs(params, sx, qx, transductive=False)
+    for j in range(len(qx)):
+        torch.testing.assert_close(alone[j], functional_call(model, params, (torch.cat([sx, qx[j:j + 1]]),))[-1])
+    together = alg.query_outputs(params, sx, qx, transductive=True)
+    assert not torch.allclose(alone, together)  # batch norm sees other statistics
+    metric = lambda out, y: loss_fn(out, y)  # noqa: E731
+    both = alg.curve(params, tasks, metric, 2, transductive=True, other_at=(0, 2))
+    flipped = alg.curve(params, tasks, metric, 2, transductive=False)
+    torch.testing.assert_close(both.other[[0, 2]], flipped.metric[[0, 2]], rtol=1e-10, atol=1e-12)
+    assert torch.isnan(both.other[1]).all()  # asked at 0 and 2 steps only
+
+
 # --- iMAML ----------------------------------------------------------------------------------------
 
 def pulled_back_phi(model, tasks, lr, steps, lam):
