@@ -97,6 +97,7 @@ class Conv4Config:
     downsample: str = "stride"
     blocks: int = 4
     activation: str = "relu"
+    init: str = "torch"
 
 
 @dataclass

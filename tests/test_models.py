@@ -78,3 +78,29 @@ def test_functional_call_under_vmap_equals_a_loop_over_tasks():
     batched = vmap(lambda p, xi: functional_call(model, p, (xi,)))(params, x)
     looped = torch.stack([functional_call(model, {k: v[i] for k, v in params.items()}, (x[i],)) for i in range(2)])
     torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-12)
+
+
+# --- conv4's options for matching a reference network (parity/) ---------------------------------
+
+def test_conv4_xavier_init_and_leaky_relu_are_what_they_say():
+    import math
+
+    from metarun.models import Conv4
+
+    torch.manual_seed(0)
+    xavier = Conv4(1, 5, 64, 28, init="xavier", activation="leaky_relu")
+    for module in xavier.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(module.weight)
+            bound = math.sqrt(6 / (fan_in + fan_out))
+            w = module.weight.detach()
+            assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound  # glorot-uniform's range
+            assert float(module.bias.detach().abs().max()) == 0.0
+    assert sum(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.01 for m in xavier.modules()) == 4
+    plain = Conv4(1, 5, 64, 28)  # torch's default: bound 1 / sqrt(fan_in), nonzero biases, ReLU
+    assert float(plain.features[3].weight.detach().abs().max()) <= 1 / math.sqrt(9 * 64)
+    assert float(plain.features[0].bias.detach().abs().max()) > 0
+    assert not any(isinstance(m, nn.LeakyReLU) for m in plain.modules())
+    for kwargs, match in (({"init": "he"}, "model.init must be"), ({"activation": "gelu"}, "model.activation must be")):
+        with pytest.raises(ConfigError, match=match):
+            Conv4(**kwargs)
