@@ -146,6 +146,7 @@ def run(cfg: DictConfig) -> float:
         check_added_keys(cfg, HydraConfig.get().overrides.task, Path(CONFIG_DIR))
     validate(cfg)
     if not target:
+        _refuse_a_finished_run(run_dir)
         _share_the_cores(cfg)
         earlier = _earlier_attempt(cfg, run_dir)
         if isinstance(earlier, float):
@@ -159,6 +160,18 @@ def run(cfg: DictConfig) -> float:
     if trainer is None:
         raise ConfigError(f"unknown trainer '{cfg.trainer.name}' (known: {', '.join(sorted(TRAINERS))})")
     return trainer(cfg, run_dir, state=state, eval_only=eval_only)
+
+
+def _refuse_a_finished_run(run_dir: Path) -> None:
+    """A new run (not a sweep job, which finds its own earlier attempt) whose folder already holds a run
+    (``hydra.run.dir`` pointed at one): one line, before anything of that run is written over."""
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return
+    held = [name for name in ("results.json", f"{checkpoint.CHECKPOINT_DIR}/{checkpoint.LAST}")
+            if (run_dir / name).is_file()]
+    if held:
+        raise ConfigError(f"{run_dir} already holds a run ({', '.join(held)}): metarun resume={run_dir} continues it, "
+                          f"metarun evaluate={run_dir} tests it again; give a new run another hydra.run.dir")
 
 
 def _earlier_attempt(cfg: DictConfig, run_dir: Path) -> float | dict | None:
@@ -299,7 +312,7 @@ def _remove_if_not_started(run_dir: Path) -> bool:
     remove what Hydra and the set-up wrote into its folder, and the folder if that empties it, so
     that outputs/runs/ lists real runs only. Training has begun once it has written ``tb/`` (a run
     that diverges or is interrupted later keeps its folder). Returns whether it removed anything."""
-    if not run_dir.is_dir() or (run_dir / "tb").exists() or (run_dir / checkpoint.CHECKPOINT_DIR).exists():
+    if not run_dir.is_dir() or any((run_dir / name).exists() for name in ("tb", checkpoint.CHECKPOINT_DIR, "results.json")):
         return False
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir:

@@ -24,4 +24,4 @@ METARUN=${METARUN:-.venv/bin/metarun}
 exec "$METARUN" experiment=omniglot_5w1s "algorithm=$algorithm" "seed=$seed" "trainer.iterations=$steps" \
   "trainer.val_interval=$every" "trainer.checkpoint_interval=$every" "trainer.test_interval=$every" \
   trainer.val_tasks=20 trainer.evaluate_best=false trainer.num_threads=1 trainer.progress=false task.progress=false \
-  "${values[@]}" "$@" "hydra.run.dir=parity/runs/$algorithm/metarun/seed$seed"
+  "${values[@]}" "hydra.run.dir=parity/runs/$algorithm/metarun/seed$seed" "$@"  # (an override given wins)

@@ -235,6 +235,19 @@ def test_a_run_folder_that_cannot_be_made_is_one_line(cli):
     assert_one_line_error(cli("debug=smoke", "hydra.run.dir=taken/run"), "Not a directory", "taken/run")
 
 
+def test_a_new_run_in_a_folder_that_holds_a_run_is_refused_and_touches_nothing(cli):
+    """hydra.run.dir pointed at a finished run (a parity script's folder, a typo): one line naming resume=
+    and evaluate=, and the run's files, its checkpoints and its TensorBoard events stay as they were."""
+    assert cli("debug=smoke", "hydra.run.dir=runs/first").returncode == 0
+    run = cli.cwd / "runs" / "first"
+    kept = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.name != "metarun.log"}
+    assert run / "results.json" in kept and run / "checkpoints" / "last.pt" in kept
+    assert_one_line_error(cli("debug=smoke", "seed=5", "hydra.run.dir=runs/first"), "already holds a run",
+                          "results.json", "metarun resume=", "another hydra.run.dir")
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert {p for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.name != "metarun.log"} == set(kept)
+
+
 def test_truncated_checkpoint_is_reported_and_left_alone(cli):
     assert cli("debug=smoke").returncode == 0
     run = only_run_dir(cli.cwd)
