@@ -98,6 +98,7 @@ class Conv4Config:
     blocks: int = 4
     activation: str = "relu"
     init: str = "torch"
+    init_gain: float = 1.0
 
 
 @dataclass

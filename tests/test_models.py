@@ -97,6 +97,9 @@ def test_conv4_xavier_init_and_leaky_relu_are_what_they_say():
             assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound  # glorot-uniform's range
             assert float(module.bias.detach().abs().max()) == 0.0
     assert sum(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.01 for m in xavier.modules()) == 4
+    gained = Conv4(1, 5, 64, 28, init="xavier", init_gain=1.73)
+    bound = 1.73 * math.sqrt(6 / (9 * 64 * 2))
+    assert bound * 0.9 < float(gained.features[3].weight.detach().abs().max()) <= bound
     plain = Conv4(1, 5, 64, 28)  # torch's default: bound 1 / sqrt(fan_in), nonzero biases, ReLU
     assert float(plain.features[3].weight.detach().abs().max()) <= 1 / math.sqrt(9 * 64)
     assert float(plain.features[0].bias.detach().abs().max()) > 0

@@ -29,6 +29,7 @@ class Conv4(nn.Module):
             bound 1 / sqrt(fan_in)) or ``"xavier"`` (glorot-uniform weights and zero biases, TensorFlow's
             default: the Reptile and MAML reference codes; bound sqrt(6 / (fan_in + fan_out)), 1.7x
             larger for the 3x3x64 convolutions, which slows Adam's relative steps).
+        init_gain: the gain of ``"xavier"`` (iMAML's reference code: 1.73).
     """
 
     def __init__(
@@ -41,6 +42,7 @@ class Conv4(nn.Module):
         blocks: int = 4,
         activation: str = "relu",
         init: str = "torch",
+        init_gain: float = 1.0,
     ) -> None:
         super().__init__()
         if downsample not in ("stride", "maxpool"):
@@ -66,7 +68,7 @@ class Conv4(nn.Module):
         if init == "xavier":
             for module in self.modules():
                 if isinstance(module, (nn.Conv2d, nn.Linear)):
-                    nn.init.xavier_uniform_(module.weight)
+                    nn.init.xavier_uniform_(module.weight, gain=init_gain)
                     nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> Tensor:
