@@ -670,7 +670,35 @@ def render(tables: list[Table], published: list[dict], command: str) -> tuple[st
                    f"tasks per run; mean ± sd over seeds (number of seeds); {best} is best")
         md += [f"### {table.title}", "", caption.split(": ", 1)[1].capitalize() + ".", "", markdown(header, rows), ""]
         text += [caption, plain(header, rows), ""]
+        during = test_curve_rows(table)
+        if during:
+            caption = (f"{table.title}: test {table.metric} during training (trainer.test_interval), after each "
+                       f"configuration's test steps; mean ± sd over seeds (number of seeds)")
+            md += [caption.split(": ", 1)[1].capitalize() + ".", "", markdown(*during), ""]
+            text += [caption, plain(*during), ""]
     return "\n".join(md), "\n".join(text)
+
+
+def test_curve_rows(table: Table) -> tuple[list[str], list[list[str]]] | None:
+    """The test protocol's means at each point of training where runs recorded them (``test_curve``):
+    a row per configuration, a column per number of outer steps ("–" where none of its runs has one)."""
+    curves = {id(conf): [_test_curve(r) for r in conf.runs] for conf in table.configurations}
+    points = sorted({p["iteration"] for cs in curves.values() for c, _, _ in cs for p in c})
+    if not points:
+        return None
+    header = [*table.columns, "seeds", "test steps", *[f"after {n:,} outer steps" for n in points]]
+    rows = []
+    for conf in table.configurations:
+        cs = [c for c in curves[id(conf)] if c[0]]
+        cells = [_short(conf.settings[c]) for c in table.columns]
+        cells += [",".join(str(r.seed) for r in conf.runs), "/".join(sorted({str(c[2]) for c in cs})) or "–"]
+        for n in points:
+            values = [p[key] for curve, key, _ in cs for p in curve if p["iteration"] == n and p.get(key) is not None]
+            sd = statistics.stdev(values) if len(values) >= 2 else None
+            cells.append(_pooled_text(Pooled(statistics.fmean(values), sd, len(values), len(values), [], []),
+                                      table.metric) if values else "–")
+        rows.append(cells)
+    return header, rows
 
 
 def write(out: Path, md: str, rows: list[dict]) -> list[Path]:
@@ -729,6 +757,10 @@ def _remade(match: re.Match, file: Path) -> str:
     for table in tables:
         header, rows = table_rows(table, published)
         parts += ([f"*{table.title}*", ""] if len(tables) > 1 else []) + [markdown(header, rows), ""]
+        during = test_curve_rows(table)
+        if during:
+            parts += [f"Test {table.metric} during training, after each configuration's test steps:", "",
+                      markdown(*during), ""]
     return match[1] + "\n".join(parts) + match[4]
 
 

@@ -188,3 +188,36 @@ def test_update_remakes_the_marked_tables_of_a_markdown_file(runs, tmp_path):
     done = metarun("report", "--update", str(doc), cwd=runs.parent)
     assert done.returncode == 2 and done.stderr.strip() == "metarun report: error: outputs/gone: no such folder"
     assert doc.read_text() == before
+
+
+def test_parity_runs_one_row_per_implementation_and_the_test_curve_table(tmp_path):
+    """A reference's run folders as parity/common.py writes them beside a metarun run with a test_curve:
+    --by implementation makes one row each (metarun's called metarun), and a second table gives the test
+    means during training, pooled over seeds, "–" where a configuration has no point."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "parity"))
+    import common
+
+    for seed, accs in ((0, (0.60, 0.70)), (1, (0.64, 0.74))):
+        points = [{"iteration": n, "train_seconds": n / 10, "accuracy": {0: [0.2] * 4, 50: [a, a + 0.02, a, a - 0.02]}}
+                  for n, a in zip((250, 500), accs)]
+        common.write_run(tmp_path / "reference" / f"seed{seed}", algorithm="reptile", reference="openai/x@" + "a" * 40,
+                         seed=seed, config={"inner_batch": 10}, shots=1, points=points)
+    mine = tmp_path / "metarun" / "seed0"
+    shutil.copytree(tmp_path / "reference" / "seed0", mine)
+    results = json.loads((mine / "results.json").read_text())
+    results["test_curve"] = [{"iteration": 500, "train_seconds": 9.0, "accuracy_after_50_steps": 0.8}]
+    (mine / "results.json").write_text(json.dumps(results))
+    (mine / "config.yaml").write_text(json.dumps({"seed": 0, "algorithm": {"name": "reptile"}}))
+    out = tmp_path / "out"
+    assert report.main([str(tmp_path / "reference"), str(mine), "--by", "implementation", "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    assert "| openai/x@aaaaaaa | 0,1 |" in rows["openai/x@aaaaaaa"] and "| metarun | 0 |" in rows["metarun"]
+    during = [line for line in md.splitlines() if "after 250 outer steps" in line]
+    assert during and "after 500 outer steps" in during[0]
+    reference_row = next(line for line in md.splitlines() if line.startswith("| openai/x@aaaaaaa | 0,1 | 50 |"))
+    # 250 steps: the seeds' means 0.60 and 0.64 (sd 0.028); 500: 0.70 and 0.74
+    assert "62.00 ± 2.83 (2)" in reference_row and "72.00 ± 2.83 (2)" in reference_row
+    assert next(line for line in md.splitlines() if line.startswith("| metarun | 0 | 50 |")).split(" | ")[3:5] == [
+        "–", "80.00 (1) |"]
+    assert (out / "omniglot_1_shot_test_vs_iterations.png").is_file()
