@@ -738,7 +738,8 @@ def parser() -> argparse.ArgumentParser:
                    "metarun beside the reference runs of parity/)")
     p.add_argument("--update", type=Path, nargs="+", metavar="MARKDOWN", help="remake the tables in these Markdown "
                    "files: each between '<!-- metarun report FOLDER ... -->' and '<!-- end of report -->', from the "
-                   "folders that line names (relative to the current folder)")
+                   "folders that line names (relative to the current folder); a block whose folders are not here is kept "
+                   "as it is and named")
     return p
 
 
@@ -764,9 +765,20 @@ def _remade(match: re.Match, file: Path) -> str:
     return match[1] + "\n".join(parts) + match[4]
 
 
+def _missing_folders(match: re.Match) -> list[str]:
+    """The folders a block's first line names that are not here (run folders are not kept in a repository)."""
+    import shlex
+
+    args = parser().parse_args(shlex.split(match["args"]))
+    return [str(folder) for folder in args.folders if not folder.exists()]
+
+
 def update(files: list[Path]) -> list[str]:
     """Remake every marked table of ``files`` from its run folders (see ``--update``); returns a line
-    per file. A file is rewritten only when all its tables could be made."""
+    per file. A block naming a folder that is not here is kept as it is and named in that line, so
+    that one table can be remade in a page whose other tables came from runs that are gone; a file
+    none of whose blocks can be remade is an error. A file is rewritten only when all the rest could
+    be made."""
     from metarun.utils.checkpoint import atomic_file
 
     done = []
@@ -775,11 +787,19 @@ def update(files: list[Path]) -> list[str]:
         blocks = list(BLOCK.finditer(text))
         if not blocks:
             raise ReportError(f"{file} has no '<!-- metarun report FOLDER ... -->' ... '<!-- end of report -->' block")
+        missing = {match.start(): _missing_folders(match) for match in blocks}
+        if all(missing.values()):
+            gone = sorted({folder for folders in missing.values() for folder in folders})
+            raise ReportError(f"{', '.join(gone)}: no such folder")
 
-        new = BLOCK.sub(lambda match, file=file: _remade(match, file), text)
+        new = BLOCK.sub(lambda match, file=file, missing=missing: match[0] if missing[match.start()] else _remade(match, file),
+                        text)
         with atomic_file(file) as f:
             f.write(new.encode())
-        done.append(f"updated {file}: {len(blocks)} table block(s)" + ("" if new != text else " (unchanged)"))
+        kept = [folder for folders in missing.values() for folder in folders]
+        remade = sum(not folders for folders in missing.values())
+        done.append(f"updated {file}: {remade} table block(s)" + ("" if new != text else " (unchanged)")
+                    + (f"; kept {len(blocks) - remade} whose folders are not here ({', '.join(kept)})" if kept else ""))
     return done
 
 

@@ -188,6 +188,14 @@ def test_update_remakes_the_marked_tables_of_a_markdown_file(runs, tmp_path):
     done = metarun("report", "--update", str(doc), cwd=runs.parent)
     assert done.returncode == 2 and done.stderr.strip() == "metarun report: error: outputs/gone: no such folder"
     assert doc.read_text() == before
+    # beside a block that can be remade, a block whose runs are gone is kept word for word and named
+    gone_block = before[before.index("<!-- metarun report"):]
+    doc.write_text(f"{gone_block}\nBetween.\n\n<!-- metarun report outputs/multirun/sweep -->\n| old |\n"
+                   "<!-- end of report -->\n")
+    done = metarun("report", "--update", str(doc), cwd=runs.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"updated {doc}: 1 table block(s); kept 1 whose folders are not here (outputs/gone)"
+    assert doc.read_text().startswith(gone_block + "\nBetween.\n") and "| old |" not in doc.read_text()
 
 
 def test_parity_runs_one_row_per_implementation_and_the_test_curve_table(tmp_path):
