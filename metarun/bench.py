@@ -15,6 +15,11 @@ above the resident set after set-up (model and dataset loaded).
     python -m metarun.bench --threads 1           # one torch thread (default: every core)
     python -m metarun.bench --configs omniglot_5w1s --algorithms maml --processes 2 --rl
 
+``--rl`` measures each meta-RL config along both ``RL_PATHS`` side by side (the gymnasium sampler with
+the double-backward Fisher products, metarun's path before issue 41, and the batched sampler with the
+factored products), the TRPO step on each of ``--devices``, and MuJoCo's own speed for each robot on one
+core (the floor under any sampler).
+
 ``--processes N`` (default 2; 0 skips it) adds a row per config: MAML on N torchrun processes of
 one thread each (gloo on a CPU) against one process with N threads, the same global meta-batch,
 launched alternately round by round; the ratio is the one to quote.
@@ -235,16 +240,27 @@ RL_CONFIGS = {
     "navigation2d": (["task=navigation2d"], 3),
     "halfcheetah_dir": (["task=halfcheetah_dir"], 1),
 }
+# the meta-RL paths measured side by side: the episodes' sampler (locomotion only) and the Fisher-vector
+# products of the TRPO step; "gymnasium + autograd" is the path of metarun before both existed
+RL_PATHS = {
+    "gymnasium + autograd": {"task.sampler": "gymnasium", "algorithm.fisher": "autograd"},
+    "batched + factored": {"task.sampler": "batched", "algorithm.fisher": "factored"},
+}
 
 
-def bench_rl(name: str, overrides: list[str], iterations: int) -> dict:
-    """Environment steps per second (one meta-batch of episodes) and seconds per MAML-TRPO
-    meta-iteration, split into sampling (both rollouts) and the rest (baselines, inner step, TRPO)."""
+def bench_rl(name: str, overrides: list[str], iterations: int, path: str = "batched + factored",
+             device: str = "cpu") -> dict:
+    """Environment steps/s (one meta-batch of episodes) and seconds per MAML-TRPO meta-iteration,
+    split into sampling (both rollouts) and the rest (baselines, inner step, the TRPO step on
+    ``device``), with the process's peak memory over the timed iterations, for one of ``RL_PATHS``."""
     from metarun.cli import compose
     from metarun.meta import policy_gradient as pg
     from metarun.trainers import rl
+    from metarun.trainers.results import peak_memory_mb, reset_peak_memory
 
-    cfg = compose(*overrides, "trainer.progress=false")
+    choices = [f"{key}={value}" for key, value in RL_PATHS[path].items()
+               if key != "task.sampler" or name != "navigation2d"]
+    cfg = compose(*overrides, *choices, f"device={device}", "trainer.progress=false")
     run = rl.setup(cfg, Path("/nonexistent"))
     alg, envs = cfg.algorithm, run.envs
     params = {k: p.detach() for k, p in run.policy.named_parameters()}
@@ -264,21 +280,56 @@ def bench_rl(name: str, overrides: list[str], iterations: int) -> dict:
         return out
 
     envs.rollout = timed_rollout
+    reset_peak_memory()
     start = time.perf_counter()
     for _ in range(iterations):
         rl.meta_iteration(run)
         run.iteration += 1
     seconds = (time.perf_counter() - start) / iterations
+    trpo_device = run.algorithm.device
     envs.close()
-    return {"config": name, "env_steps_per_s": steps_per_s, "s_per_meta_iteration": seconds,
-            "sampling_share": sampling / iterations / seconds, "meta_batch_size": alg.meta_batch_size,
-            "trajectories": alg.trajectories, "horizon": cfg.task.horizon, "threads": torch.get_num_threads()}
+    return {"config": name, "path": path, "device": str(trpo_device), "env_steps_per_s": steps_per_s,
+            "s_per_meta_iteration": seconds, "sampling_s": sampling / iterations,
+            "rest_s": seconds - sampling / iterations, "sampling_share": sampling / iterations / seconds,
+            "peak_mb": peak_memory_mb(trpo_device), "meta_batch_size": alg.meta_batch_size,
+            "trajectories": alg.trajectories, "horizon": cfg.task.horizon, "threads": torch.get_num_threads(),
+            "sampler_threads": getattr(envs, "threads", None)}
+
+
+def physics_floor(names=("halfcheetah_dir", "ant_dir"), steps: int = 2000) -> list[dict]:
+    """Raw MuJoCo speed, the floor under any sampler: control steps per second (``frame_skip`` physics
+    steps each, uniform random controls) of one model stepped by ``mj_step`` in a loop on one core."""
+    import mujoco
+    import numpy as np
+
+    from metarun.envs.locomotion import ENVIRONMENTS, make_env
+
+    rows = []
+    for name in names:
+        env = make_env(name, {"direction": 1})
+        env.reset(seed=0)
+        model, data = env.model, env.data
+        controls = np.random.default_rng(0).uniform(-1, 1, (steps, model.nu))
+        start = time.perf_counter()
+        for control in controls:
+            data.ctrl[:] = control
+            mujoco.mj_step(model, data, nstep=env.frame_skip)
+        rows.append({"robot": ENVIRONMENTS[name].robot, "steps_per_s": steps / (time.perf_counter() - start),
+                     "frame_skip": env.frame_skip})
+        env.close()
+    return rows
 
 
 def rl_table(rows: list[dict]) -> str:
-    return _ruled(f"{'config':<18}{'env steps/s':>12}{'s/meta-iter':>13}{'sampling':>10}{'threads':>9}", [
-        f"{r['config']:<18}{r['env_steps_per_s']:>12.0f}{r['s_per_meta_iteration']:>13.2f}{r['sampling_share']:>9.0%}"
-        f"{r['threads']:>9}" for r in rows])
+    return _ruled(f"{'config':<18}{'path':<23}{'device':<8}{'env steps/s':>12}{'s/meta-iter':>13}{'sampling s':>12}"
+                  f"{'rest s':>9}{'peak MB':>9}{'threads':>9}", [
+        f"{r['config']:<18}{r['path']:<23}{r['device']:<8}{r['env_steps_per_s']:>12.0f}{r['s_per_meta_iteration']:>13.2f}"
+        f"{r['sampling_s']:>12.2f}{r['rest_s']:>9.2f}{r['peak_mb']:>9.0f}{r['threads']:>9}" for r in rows])
+
+
+def floor_table(rows: list[dict]) -> str:
+    return _ruled(f"{'robot':<16}{'mj_step control steps/s (1 core)':>34}", [
+        f"{r['robot']:<16}{r['steps_per_s']:>34.0f}" for r in rows])
 
 
 def table(rows: list[dict]) -> str:
@@ -304,6 +355,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="default: every algorithm on sinusoid and omniglot_5w1s, MAML on omniglot_20w1s")
     parser.add_argument("--rl", nargs="*", default=list(RL_CONFIGS), choices=list(RL_CONFIGS),
                         help="meta-RL configs (environment steps/s, seconds per meta-iteration)")
+    parser.add_argument("--rl-paths", nargs="*", default=list(RL_PATHS), choices=list(RL_PATHS),
+                        help="meta-RL paths measured side by side (default: both)")
     parser.add_argument("--devices", nargs="*", default=None, help="default: cpu, and cuda when present")
     parser.add_argument("--iterations", type=int, default=None, help="timed iterations per round "
                         "(default: 100 for sinusoid, fewer for the conv nets)")
@@ -340,19 +393,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                             args.iterations or iterations, args.rounds, args.warmup))
     if process_rows:
         print(processes_table(process_rows))
-    rl_rows = []
+    rl_rows, floor_rows = [], []
     for name in args.rl:
-        print(f"benchmarking {name} (meta-RL) ...", flush=True)
         overrides, iterations = RL_CONFIGS[name]
-        rl_rows.append(bench_rl(name, [*overrides, *threads], iterations))
+        for device in devices:
+            for path in args.rl_paths:
+                print(f"benchmarking {name} (meta-RL, {path}, TRPO on {device}) ...", flush=True)
+                rl_rows.append(bench_rl(name, [*overrides, *threads], iterations, path, device))
     if rl_rows:
         print(rl_table(rl_rows))
+    if any(name != "navigation2d" for name in args.rl):
+        floor_rows = physics_floor()
+        print(floor_table(floor_rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from metarun.utils.runtime import versions
 
     path = out / f"bench_{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
-    path.write_text(json.dumps({"versions": versions(), "rows": rows, "processes": process_rows, "rl": rl_rows}, indent=2) + "\n")
+    path.write_text(json.dumps({"versions": versions(), "rows": rows, "processes": process_rows, "rl": rl_rows,
+                                "physics_floor": floor_rows}, indent=2) + "\n")
     print(f"\nwritten to {path}")
     return rows
 

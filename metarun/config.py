@@ -124,6 +124,8 @@ class LocomotionTaskConfig:
     name: str = "halfcheetah_vel"
     horizon: int = 200
     num_workers: int = 1
+    sampler: str = "batched"  # batched: each process's envs simulated on `threads` threads; gymnasium: one by one
+    threads: int = 0  # the batched sampler's threads per process; 0: the cores this process may use
     # passed to gymnasium's robot class, e.g. `+task.env_kwargs.terminate_when_unhealthy=false` (Ant)
     env_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -227,6 +229,7 @@ class RLAlgorithmConfig:
     cg_damping: float = 1e-5
     backtrack_ratio: float = 0.8
     line_search_steps: int = 15
+    fisher: str = "factored"  # factored: mean_i J_i K_i J_i (one inner step); autograd: the KL's double backward
     test_inner_lrs: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.05])
 
 

@@ -356,6 +356,28 @@ def test_runs_from_any_directory(tmp_path):
     assert (sub / "outputs" / "runs").is_dir()
 
 
+def test_bench_rl_measures_both_paths_and_the_physics_floor(monkeypatch):
+    """`make bench --rl`: a small HalfCheetah meta-iteration along each path, its sampling and the rest
+    apart, and MuJoCo's own speed per robot."""
+    pytest.importorskip("mujoco")
+    from metarun import bench
+
+    monkeypatch.setitem(bench.RL_CONFIGS, "halfcheetah_dir", (["task=halfcheetah_dir", "task.horizon=5",
+                        "algorithm.meta_batch_size=2", "algorithm.trajectories=2", "task.threads=2"], 1))
+    rows = [bench.bench_rl("halfcheetah_dir", bench.RL_CONFIGS["halfcheetah_dir"][0], 1, path)
+            for path in bench.RL_PATHS]
+    assert [r["path"] for r in rows] == ["gymnasium + autograd", "batched + factored"]
+    assert [r["sampler_threads"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["env_steps_per_s"] > 0 and r["peak_mb"] > 0 and r["device"] == "cpu"
+        assert r["s_per_meta_iteration"] == pytest.approx(r["sampling_s"] + r["rest_s"])
+        assert 0 < r["sampling_share"] < 1
+    assert "batched + factored" in bench.rl_table(rows)
+    floor = bench.physics_floor(steps=50)
+    assert [r["robot"] for r in floor] == ["HalfCheetah-v5", "Ant-v5"] and all(r["steps_per_s"] > 0 for r in floor)
+    assert "Ant-v5" in bench.floor_table(floor)
+
+
 def test_bench_measures_both_batchings(tmp_path):
     from metarun import bench
 

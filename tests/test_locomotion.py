@@ -340,3 +340,73 @@ def test_worker_processes_give_the_same_trajectories(samplers):
         data = sampler.rollout(Replay((3, 1, 6), 5), tasks, 1, seed=2)
     for field in ("observations", "actions", "rewards", "mask"):
         assert torch.equal(getattr(data, field), getattr(reference, field))
+
+
+# --- the batched sampler -----------------------------------------------------------------------------------
+
+
+def policy_of_observations(sampler, seed=0):
+    """An ``act`` whose actions depend on the observations (any difference between two samplers propagates),
+    large enough that the Ant's episodes end early."""
+    weights = torch.randn(sampler.obs_dim, sampler.act_dim, generator=torch.Generator().manual_seed(seed))
+    return lambda observations: 2.0 * torch.tanh(observations @ weights)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batched_sampler_gives_the_trajectories_of_the_gymnasium_loop(name):
+    """Envs stepped on threads, in chunks of unequal size, against the same envs stepped one after another."""
+    horizon = 40
+    with (LocomotionTasks(name, horizon=horizon, sampler="gymnasium") as gymnasium_loop,
+          LocomotionTasks(name, horizon=horizon, sampler="batched", threads=3) as batched):
+        assert (gymnasium_loop.threads, batched.threads) == (1, 3)
+        tasks = batched.sample_tasks(3, torch.Generator().manual_seed(5))
+        reference = gymnasium_loop.rollout(policy_of_observations(batched), tasks, 4, seed=11)  # 12 envs
+        data = batched.rollout(policy_of_observations(batched), tasks, 4, seed=11)
+        assert batched._samplers[12].group.threads == 3 and len(batched._samplers[12].group._chunks) == 3
+    for field in ("observations", "actions", "rewards", "mask"):
+        assert torch.equal(getattr(data, field), getattr(reference, field)), field
+    if name.startswith("ant"):  # episodes that end inside the horizon are covered
+        assert 0 < (data.mask[:, :, -1] == 0).sum() < 12
+
+
+@pytest.mark.parametrize("name", ["halfcheetah_dir", "ant_vel"])
+def test_batched_sampler_follows_gymnasiums_own_env(name):
+    """Each env of a batched rollout against gymnasium's own v5 env (``gymnasium.make``), reset with the
+    same seed and given the same (clipped) actions: the same observations and terminations at every step,
+    and the task's reward computed from gymnasium's state after each step as rllab did."""
+    import gymnasium
+
+    horizon, trajectories = 30, 3
+    task = TASKS[name]
+    with LocomotionTasks(name, horizon=horizon, sampler="batched", threads=2) as batched:
+        data = batched.rollout(policy_of_observations(batched, seed=1), [task], trajectories, seed=4)
+        seeds = np.random.SeedSequence([batched.seed, 4]).generate_state(trajectories)
+    spec = ENVIRONMENTS[name]
+    for j in range(trajectories):
+        env = gymnasium.make(spec.robot, **locomotion._ROBOT_KWARGS[spec.robot]).unwrapped
+        observation = env.reset(seed=int(seeds[j]))[0]
+        model, state = env.model, env.data
+        for t in range(horizon):
+            if data.mask[0, j, t] == 0:
+                break
+            assert torch.equal(data.observations[0, j, t], torch.from_numpy(observation.astype(np.float32)))
+            action = np.clip(data.actions[0, j, t].double().numpy(), -1.0, 1.0)
+            observation, _, terminated, _, _ = env.step(action)
+            reference = copy.copy(state)  # rllab's forward() after the step, on a copy
+            mujoco.mj_forward(model, reference)
+            mujoco.mj_rnePostConstraint(model, reference)
+            v = com_velocity_rllab(model, reference)
+            if name == "halfcheetah_dir":
+                expected = task["direction"] * v - 0.05 * np.sum(action**2)
+            else:
+                contact = 0.5 * 1e-3 * np.sum(np.clip(reference.cfrc_ext, -1, 1) ** 2)
+                expected = -abs(v - task["velocity"]) + 1.0 - 0.005 * np.sum(action**2) - contact + 0.05
+            assert data.rewards[0, j, t].item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+            ended = t + 1 < horizon and data.mask[0, j, t + 1] == 0
+            assert terminated == ended
+        env.close()
+
+
+def test_unknown_sampler_is_a_one_line_error():
+    with pytest.raises(MetarunError, match="unknown sampler 'fast'; known: batched, gymnasium"):
+        LocomotionTasks("halfcheetah_dir", sampler="fast")

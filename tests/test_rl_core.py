@@ -16,6 +16,7 @@ from metarun.meta import hvp, hvp_operator
 from metarun.meta import policy_gradient as pg
 from metarun.meta.trpo import conjugate_gradient, flatten, trpo_step, unflatten
 from metarun.models import GaussianPolicy
+from metarun.utils.errors import MetarunError
 
 pytestmark = pytest.mark.unit
 
@@ -148,6 +149,30 @@ def test_meta_fisher_vector_products_agree_with_dense_hessian():
     torch.testing.assert_close(flatten(hvp_operator(kl, params)(v)), expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+def test_factored_meta_fisher_equals_the_dense_hessian_of_the_kl(first_order):
+    """meta_fisher_operator's mean_i J_i K_i J_i against the dense Hessian of the mean KL through the
+    inner step (second order) or past it (first order), and against the double-backward path."""
+    policy = tiny_policy(hidden=(3,))
+    params = {k: p.detach() for k, p in policy.named_parameters()}
+    batch = meta_batch(policy, params)
+
+    def kl(p):
+        return pg.meta_objective(policy, p, batch, 0.1, 1, first_order)[1]
+
+    dense = gc.dense_hessian(kl, params)
+    product = pg.meta_fisher_operator(policy, params, batch, 0.1, first_order)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
+        expected = dense @ flatten(v)
+        torch.testing.assert_close(flatten(product(v)), expected, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(flatten(product(v)), flatten(hvp_operator(kl, params)(v)), rtol=1e-9, atol=1e-12)
+    if not first_order:  # the inner step's curvature is in it: the first-order Fisher differs
+        first = pg.meta_fisher_operator(policy, params, batch, 0.1, True)(v)
+        assert (flatten(first) - expected).norm() > 1e-3 * expected.norm()
+
+
 def test_meta_objective_starts_at_ratio_one_and_zero_kl():
     policy = tiny_policy()
     params = {k: p.detach() for k, p in policy.named_parameters()}
@@ -200,6 +225,50 @@ def test_trpo_step_improves_and_respects_the_trust_region():
     assert stats.step_fraction > 0
     assert float(loss) < stats.loss_before and 0 < float(kl) <= 0.01
     assert float(kl) > 0.001  # it used the trust region, not a negligible step
+
+
+@pytest.mark.parametrize("fisher", ["factored", "autograd"])
+def test_maml_trpo_outer_step_with_either_fisher_product(fisher):
+    """The algorithm's outer step takes the same TRPO step with the factored Fisher as with the double
+    backward (float64), and keeps the parameters where they were."""
+    from omegaconf import OmegaConf
+
+    from metarun.algorithms.maml_trpo import MAMLTRPO
+    from metarun.config import RLAlgorithmConfig
+
+    policy = tiny_policy()
+    params = {k: p.detach() for k, p in policy.named_parameters()}
+    batch = meta_batch(policy, params)
+    cfg = OmegaConf.structured(RLAlgorithmConfig(fisher=fisher))
+    new, stats = MAMLTRPO(cfg, policy).outer_step(params, batch)
+    reference, _ = trpo_step(params, lambda p: pg.meta_objective(policy, p, batch, 0.1), max_kl=0.01,
+                             cg_damping=cfg.cg_damping)
+    assert stats.step_fraction > 0
+    for k in params:
+        torch.testing.assert_close(new[k], reference[k], rtol=1e-8, atol=1e-10)
+    with pytest.raises(MetarunError, match="algorithm.fisher=hessian: must be one of factored, autograd"):
+        MAMLTRPO(OmegaConf.structured(RLAlgorithmConfig(fisher="hessian")), policy)
+
+
+@pytest.mark.cuda
+def test_maml_trpo_outer_step_on_cuda_equals_the_cpu_step():
+    """device=cuda: the episodes move to the GPU once, the TRPO step runs there, the new parameters
+    come back to the CPU equal to the CPU step's (float64)."""
+    from omegaconf import OmegaConf
+
+    from metarun.algorithms.maml_trpo import MAMLTRPO
+    from metarun.config import RLAlgorithmConfig
+
+    policy = tiny_policy()
+    params = {k: p.detach() for k, p in policy.named_parameters()}
+    batch = meta_batch(policy, params)
+    cfg = OmegaConf.structured(RLAlgorithmConfig())
+    cpu, _ = MAMLTRPO(cfg, policy).outer_step(params, batch)
+    gpu, stats = MAMLTRPO(cfg, policy, "cuda").outer_step(params, batch)
+    assert stats.step_fraction > 0
+    for k in params:
+        assert gpu[k].device.type == "cpu"
+        torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-7, atol=1e-9)
 
 
 def test_unflatten_inverts_flatten():

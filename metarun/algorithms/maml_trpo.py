@@ -33,10 +33,14 @@ class MAMLTRPO(nn.Module):
         policy: the Gaussian policy (called through ``functional_call``, not owned).
     """
 
-    def __init__(self, cfg: DictConfig, policy: nn.Module) -> None:
+    def __init__(self, cfg: DictConfig, policy: nn.Module, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.__dict__["policy"] = policy
         self.cfg = cfg
+        if cfg.get("fisher", "factored") not in FISHER_PRODUCTS:
+            raise MetarunError(f"algorithm.fisher={cfg.fisher}: must be one of {', '.join(FISHER_PRODUCTS)}")
+        # where the TRPO step runs: the episodes are sampled on the CPU and moved there once per iteration
+        self.device = torch.device(device)
 
     def meta_iteration(self, envs, generators: dict[str, torch.Generator], seed: int, num_tasks: int | None = None,
                        reduce=None) -> dict[str, Tensor]:
@@ -77,15 +81,25 @@ class MAMLTRPO(nn.Module):
         return batch, [pg.episode_returns(pre).mean(), pg.episode_returns(post).mean()]
 
     def outer_step(self, params: Params, batch: pg.MetaBatch, reduce=None):
-        """Step 4: the TRPO step from ``params`` on ``batch``; returns the new parameters and its
-        statistics (``reduce``: see :meth:`meta_iteration`)."""
-        alg, policy = self.cfg, self.policy
+        """Step 4: the TRPO step from ``params`` on ``batch``, on ``self.device``; returns the new
+        parameters (where ``params`` were) and its statistics (``reduce``: see :meth:`meta_iteration`)."""
+        alg, policy, home = self.cfg, self.policy, next(iter(params.values())).device
+        if self.device != home:
+            batch = pg.MetaBatch(*(to_device(part, self.device) for part in batch))
+            params = to_device(params, self.device)
+            if "_device_policy" not in self.__dict__:
+                self.__dict__["_device_policy"] = _on_device(policy, self.device)
+            policy = self.__dict__["_device_policy"]
 
         def objective(p):
             return pg.meta_objective(policy, p, batch, alg.inner_lr, alg.inner_steps, alg.first_order)
 
-        return trpo_step(params, objective, alg.max_kl, alg.cg_iterations, alg.cg_damping, alg.backtrack_ratio,
-                         alg.line_search_steps, reduce)
+        fisher = None
+        if alg.get("fisher", "factored") == "factored" and alg.inner_steps == 1:
+            fisher = pg.meta_fisher_operator(policy, params, batch, alg.inner_lr, alg.first_order)
+        new, stats = trpo_step(params, objective, alg.max_kl, alg.cg_iterations, alg.cg_damping,
+                               alg.backtrack_ratio, alg.line_search_steps, reduce, fisher)
+        return to_device(new, home), stats
 
     def adapt_step(self, params: Params, rollouts: Rollouts, lr: float) -> Params:
         """One evaluation step for every task at once: REINFORCE of rate ``lr`` on each task's own
@@ -93,6 +107,29 @@ class MAMLTRPO(nn.Module):
         adv = pg.advantages(rollouts, self.cfg.discount, self.cfg.gae_lambda)
         fast = pg.adapt_tasks(self.policy, params, rollouts, adv, lr, 1, first_order=True, per_task=True)
         return {k: v.detach() for k, v in fast.items()}
+
+
+FISHER_PRODUCTS = ("factored", "autograd")
+
+
+def to_device(tree, device: torch.device):
+    """Tensors of a dict, tuple or NamedTuple (nested), moved to ``device``."""
+    if isinstance(tree, Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: to_device(v, device) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        moved = [to_device(v, device) for v in tree]
+        return type(tree)(*moved) if hasattr(tree, "_fields") else tuple(moved)
+    return tree
+
+
+def _on_device(policy: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of ``policy`` on ``device`` for ``functional_call`` (its own parameters are replaced by the
+    ones passed; the copy only carries its structure and any buffers)."""
+    import copy
+
+    return copy.deepcopy(policy).to(device)
 
 
 def check_finite(rollouts: Rollouts, what: str) -> None:

@@ -22,6 +22,9 @@ What differs from the paper, and why:
   ``cfrc_ext`` of the 13 robot bodies clipped to [-1, 1]); rllab's 125 also had the contact forces (which
   matter: they tell the policy which feet touch the ground) plus ``qpos[:2]``, the torso's rotation matrix
   and centre of mass. Pass ``env_kwargs={"include_cfrc_ext_in_observation": False}`` for 27 numbers.
+  They equal gymnasium's env's at every step (``tests/test_locomotion.py`` steps both from the same
+  states), the Ant's contact forces included: those are taken as gymnasium's step leaves them, before
+  the reward's forward pass at the new state.
 - Initial states use gymnasium's reset noise (positions + U[-0.1, 0.1], velocities + 0.1 N(0, 1)); rllab
   used positions + 0.01 N(0, 1), velocities + 0.1 N(0, 1).
 
@@ -50,8 +53,10 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -61,6 +66,7 @@ import torch
 from metarun.types import Rollouts
 from metarun.utils.errors import DivergedError, MetarunError
 
+SAMPLERS = ("batched", "gymnasium")
 INSTALL_HINT = "install them with `pip install 'gymnasium[mujoco]'` (or `make install`)"
 
 # Coefficients of the paper's code (cbfinn/maml_rl, rllab/envs/mujoco/*_rand*.py).
@@ -248,10 +254,25 @@ class _TaskEnvMixin:
         """
         if self._ended:
             return self._final_obs, 0.0, True, False, {}
-        mujoco, model, data, spec = self._mujoco, self.model, self.data, self._task_spec
         action = np.clip(action, self.action_space.low, self.action_space.high)
-        data.ctrl[:] = action
-        mujoco.mj_step(model, data, nstep=self.frame_skip)
+        self.simulate(action)
+        observation, reward, terminated = self.outcome(action)
+        return observation, reward, terminated, False, {}
+
+    def simulate(self, action: np.ndarray) -> None:
+        """The physics of one step: ``frame_skip`` MuJoCo steps under ``action`` (already clipped).
+
+        ``mj_step`` releases Python's GIL, so envs stepped on several threads simulate in parallel.
+        """
+        self.data.ctrl[:] = action
+        self._mujoco.mj_step(self.model, self.data, nstep=self.frame_skip)
+
+    def outcome(self, action: np.ndarray) -> tuple[np.ndarray, float, bool]:
+        """Observation, task reward and termination after ``simulate(action)``."""
+        mujoco, model, data, spec = self._mujoco, self.model, self.data, self._task_spec
+        if spec.is_ant:  # gymnasium's observation: its contact forces as its do_simulation leaves them
+            mujoco.mj_rnePostConstraint(model, data)
+        observation = self._get_obs()
         # mj_step leaves positions, velocities and forces derived from the state before its last
         # integration; rllab called model.forward() after stepping, so its reward saw the new state.
         if spec.is_ant:
@@ -266,11 +287,10 @@ class _TaskEnvMixin:
             reward = spec.reward(velocity, action / self._action_scale, data.cfrc_ext, self._goal)
         else:
             reward = spec.reward(velocity, action, self._goal)
-        observation = self._get_obs()
         terminated = spec.is_ant and self._terminate_when_unhealthy and not self.is_healthy
         if terminated:
             self._ended, self._final_obs = True, observation
-        return observation, reward, terminated, False, {}
+        return observation, reward, terminated
 
 
 class _EnvGroupMixin:
@@ -280,11 +300,15 @@ class _EnvGroupMixin:
     count as terminated. Per-env rewards and terminations travel in the info dict.
     """
 
-    def __init__(self, name: str, start: int, count: int, slots: int, env_kwargs: dict[str, Any]):
+    def __init__(self, name: str, start: int, count: int, slots: int, env_kwargs: dict[str, Any], threads: int = 1):
         from gymnasium.spaces import Box
 
         self.envs = [make_env(name, **env_kwargs) for _ in range(count)]
         self.start, self.slots = start, slots
+        # batched stepping: the envs split into one chunk per thread, each simulated on its own thread
+        self.threads = max(1, min(threads, count))
+        self._chunks = [list(chunk) for chunk in np.array_split(np.arange(count), self.threads)]
+        self._pool = ThreadPoolExecutor(self.threads, "metarun-mujoco") if self.threads > 1 else None
         single = self.envs[0]
         obs_dim = single.observation_space.shape[0]
         self.observation_space = Box(-np.inf, np.inf, (slots, obs_dim), np.float64)
@@ -313,15 +337,29 @@ class _EnvGroupMixin:
         return self._obs.copy(), {}
 
     def step(self, actions: np.ndarray):
-        """Step each env; the info holds ``rewards`` and ``terminated`` arrays over the group's slots."""
+        """Step each env; the info holds ``rewards`` and ``terminated`` arrays over the group's slots.
+
+        With ``threads > 1`` each thread steps its chunk of envs: the physics (``mj_step``, which releases
+        the GIL) of the chunks runs in parallel, and every env makes exactly the calls it makes alone.
+        """
         rewards = np.zeros(self.slots)
         terminated = np.ones(self.slots, dtype=bool)
-        for i, env in enumerate(self.envs):
-            self._obs[i], rewards[i], terminated[i], _, _ = env.step(actions[i])
+
+        def step_chunk(chunk: list[int]) -> None:
+            for i in chunk:
+                self._obs[i], rewards[i], terminated[i], _, _ = self.envs[i].step(actions[i])
+
+        if self._pool is None:
+            step_chunk(range(len(self.envs)))
+        else:
+            for done in [self._pool.submit(step_chunk, chunk) for chunk in self._chunks]:
+                done.result()  # re-raises a chunk's exception here
         return self._obs.copy(), 0.0, False, False, {"rewards": rewards, "terminated": terminated}
 
     def close(self) -> None:
-        """Close every env of the group."""
+        """Close every env of the group (and its threads)."""
+        if self._pool is not None:
+            self._pool.shutdown()
         for env in self.envs:
             env.close()
 
@@ -393,9 +431,9 @@ def make_env(name: str, task: dict | None = None, **env_kwargs: Any):
         ) from error
 
 
-def _make_group(name: str, start: int, count: int, slots: int, env_kwargs: dict[str, Any]):
+def _make_group(name: str, start: int, count: int, slots: int, env_kwargs: dict[str, Any], threads: int = 1):
     """An env group (module-level so that worker processes can unpickle it)."""
-    return _backend().group_class(name, start, count, slots, env_kwargs)
+    return _backend().group_class(name, start, count, slots, env_kwargs, threads)
 
 
 class _SyncSampler:
@@ -407,8 +445,8 @@ class _SyncSampler:
     the episode's end: 2,600 against 7,700 steps/s). The group skips them.
     """
 
-    def __init__(self, name: str, n: int, env_kwargs: dict[str, Any]):
-        self.group = _make_group(name, 0, n, n, env_kwargs)
+    def __init__(self, name: str, n: int, env_kwargs: dict[str, Any], threads: int = 1):
+        self.group = _make_group(name, 0, n, n, env_kwargs, threads)
 
     def reset(self, tasks: list[dict], seeds: list[int]) -> np.ndarray:
         self.group.tasks = tasks
@@ -425,14 +463,15 @@ class _SyncSampler:
 class _AsyncSampler:
     """``n`` task envs split into groups over at most ``workers`` processes (``AsyncVectorEnv``)."""
 
-    def __init__(self, name: str, n: int, workers: int, env_kwargs: dict[str, Any]):
+    def __init__(self, name: str, n: int, workers: int, env_kwargs: dict[str, Any], threads: int = 1):
         gym = _backend().gym
         self.n = n
         self.slots = math.ceil(n / workers)
         groups = math.ceil(n / self.slots)
         fns = [
             functools.partial(
-                _make_group, name, g * self.slots, min(self.slots, n - g * self.slots), self.slots, env_kwargs
+                _make_group, name, g * self.slots, min(self.slots, n - g * self.slots), self.slots, env_kwargs,
+                threads,
             )
             for g in range(groups)
         ]
@@ -478,6 +517,12 @@ class LocomotionTasks:
         num_workers: 1 steps every env in this process; more splits the envs into that many groups, each
             stepped by its own process (``AsyncVectorEnv``, forked when the first rollout of a size runs).
             Results do not depend on it.
+        sampler: ``batched`` (default) simulates a process's envs on ``threads`` threads at each step, one
+            chunk of envs per thread (MuJoCo releases the GIL while it steps); ``gymnasium`` steps them one
+            after another, as gymnasium's own loop does. Both make the same calls on every env: the
+            trajectories are identical.
+        threads: the batched sampler's threads per process; 0 (default): the cores this process may use,
+            divided among the ``num_workers`` processes.
         env_kwargs: passed to gymnasium's robot class, e.g. ``{"include_cfrc_ext_in_observation": False}``.
 
     Raises:
@@ -491,11 +536,21 @@ class LocomotionTasks:
         seed: int = 0,
         num_workers: int = 1,
         env_kwargs: dict[str, Any] | None = None,
+        sampler: str = "batched",
+        threads: int = 0,
     ):
         self.spec = _spec(name)
-        if horizon < 1 or num_workers < 1:
-            raise MetarunError(f"horizon and num_workers must be >= 1, got {horizon} and {num_workers}")
+        if horizon < 1 or num_workers < 1 or threads < 0:
+            raise MetarunError(f"horizon and num_workers must be >= 1 and threads >= 0, got {horizon}, {num_workers} "
+                               f"and {threads}")
+        if sampler not in SAMPLERS:
+            raise MetarunError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
         self.name, self.horizon, self.seed, self.num_workers = name, horizon, seed, num_workers
+        self.sampler = sampler
+        # batched: every process's envs simulated on `threads` threads (0: the cores this process may use,
+        # shared among the worker processes); gymnasium: one env after another
+        cores = max(1, len(os.sched_getaffinity(0)) // num_workers) if hasattr(os, "sched_getaffinity") else 1
+        self.threads = 1 if sampler == "gymnasium" else (threads or cores)
         self.env_kwargs = dict(env_kwargs or {})
         probe = make_env(name, **self.env_kwargs)
         self.obs_dim: int = probe.observation_space.shape[0]
@@ -521,9 +576,9 @@ class LocomotionTasks:
     def _sampler(self, n: int) -> _SyncSampler | _AsyncSampler:
         if n not in self._samplers:
             if self.num_workers > 1:
-                self._samplers[n] = _AsyncSampler(self.name, n, self.num_workers, self.env_kwargs)
+                self._samplers[n] = _AsyncSampler(self.name, n, self.num_workers, self.env_kwargs, self.threads)
             else:
-                self._samplers[n] = _SyncSampler(self.name, n, self.env_kwargs)
+                self._samplers[n] = _SyncSampler(self.name, n, self.env_kwargs, self.threads)
         return self._samplers[n]
 
     def rollout(

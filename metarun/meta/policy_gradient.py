@@ -15,6 +15,7 @@ an episode is alive. The pieces, as in the MAML paper's RL experiments (section 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -179,6 +180,63 @@ def meta_objective(policy: nn.Module, params: Params, batch: MetaBatch, inner_lr
                             post.actions, batch.post_adv, post.mask, batch.old_log_prob, batch.old_mean,
                             batch.old_log_std)
     return losses.mean(), kls.mean()
+
+
+def meta_fisher_operator(policy: nn.Module, params: Params, batch: MetaBatch, inner_lr: float,
+                         first_order: bool = False) -> Callable[[Params], Params]:
+    """``v -> F v``: the Hessian of :func:`meta_objective`'s mean KL at ``params``, for one inner step,
+    without differentiating through the inner step twice.
+
+    The KL of task ``i`` depends on ``params`` only through its adapted parameters
+    ``fast_i = params - alpha * grad L_i(params)`` (``L_i`` its pre-update REINFORCE loss), and at
+    ``params`` (the policy that sampled the episodes) the KL is at its minimum, 0: its gradient in
+    ``fast_i`` vanishes, so the chain rule's second-derivative term drops and
+
+        F = mean_i J_i K_i J_i,   J_i = I - alpha H_i   (symmetric; I when ``first_order``),
+
+    with ``H_i`` the Hessian of ``L_i`` at ``params`` and ``K_i`` that of the KL in ``fast_i``. A product is
+    two Hessian-vector products on the pre-update episodes and one on the post-update episodes, each a
+    backward pass through a gradient graph built once, for every task at once; differentiating the KL's
+    gradient through the inner step (``hvp_operator`` of the KL, the general path) also carries the
+    third derivatives of ``L_i`` that multiply the vanishing gradient. ``tests/test_rl_core.py`` holds the
+    two equal in float64.
+    """
+    pre, post = batch.pre, batch.post
+    tasks = pre.observations.shape[0]
+    names = list(params)
+    theta = {k: p.detach().expand(tasks, *p.shape).clone().requires_grad_(True) for k, p in params.items()}
+
+    def pre_loss(p, o, a, ad, m):
+        return reinforce_loss(policy, p, o, a, ad, m)
+
+    losses = vmap(pre_loss)(theta, pre.observations, pre.actions, batch.pre_adv, pre.mask)
+    grad_pre = torch.autograd.grad(losses.sum(), [theta[k] for k in names], create_graph=not first_order)
+    fast = {k: (theta[k] - inner_lr * g).detach().requires_grad_(True) for k, g in zip(names, grad_pre)}
+
+    def task_kl(p, o, m, old_mean, old_ls):
+        mean = functional_call(policy, p, (o,))
+        return (gaussian_kl(old_mean, old_ls, mean, p["log_std"]) * m).sum() / m.sum()
+
+    kls = vmap(task_kl)(fast, post.observations, post.mask, batch.old_mean, batch.old_log_std)
+    grad_kl = torch.autograd.grad(kls.sum(), [fast[k] for k in names], create_graph=True)
+
+    def per_task_hvp(grads, leaves, u: list[Tensor]) -> list[Tensor]:
+        dot = sum((g * x).sum() for g, x in zip(grads, u))
+        return list(torch.autograd.grad(dot, [leaves[k] for k in names], retain_graph=True))
+
+    def jacobian(u: list[Tensor]) -> list[Tensor]:  # J_i u_i for every task
+        if first_order:
+            return u
+        return [x - inner_lr * h for x, h in zip(u, per_task_hvp(grad_pre, theta, u))]
+
+    def product(v: Params) -> Params:
+        if set(v) != set(names):
+            raise ValueError(f"v has keys {sorted(v)}, params has {sorted(names)}")
+        u = jacobian([v[k].expand(tasks, *v[k].shape) for k in names])
+        w = jacobian(per_task_hvp(grad_kl, fast, u))
+        return {k: x.mean(dim=0).detach() for k, x in zip(names, w)}
+
+    return product
 
 
 def old_policy_stats(policy: nn.Module, fast: Params, post: Rollouts) -> tuple[Tensor, Tensor, Tensor]:

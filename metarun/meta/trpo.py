@@ -58,7 +58,8 @@ class TRPOStats(NamedTuple):
 def trpo_step(params: Params, objective: Callable[[Params], tuple[Tensor, Tensor]], max_kl: float = 0.01,
               cg_iterations: int = 10, cg_damping: float = 1e-5, backtrack_ratio: float = 0.8,
               line_search_steps: int = 15,
-              reduce: Callable[[list[Tensor]], list[Tensor]] | None = None) -> tuple[Params, TRPOStats]:
+              reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+              fisher: Callable[[Params], Params] | None = None) -> tuple[Params, TRPOStats]:
     """One TRPO update of ``params``.
 
     Args:
@@ -71,6 +72,9 @@ def trpo_step(params: Params, objective: Callable[[Params], tuple[Tensor, Tensor
             over the processes of a list of tensors (:func:`metarun.distributed.average`): applied to
             the gradient, every Fisher-vector product and every loss and KL the line search
             compares, so each process takes the single-process step. None: one process.
+        fisher: ``v -> F v`` at ``params`` when the caller has a cheaper exact form (MAML-TRPO:
+            :func:`metarun.meta.policy_gradient.meta_fisher_operator`); None: the Hessian of the
+            objective's KL by double backward (:func:`metarun.meta.hvp_operator`).
 
     Returns:
         the new parameters (``params`` unchanged when no step is accepted) and statistics.
@@ -80,7 +84,7 @@ def trpo_step(params: Params, objective: Callable[[Params], tuple[Tensor, Tensor
     g, (loss_before, _) = grad_and_value(objective, has_aux=True)(params)  # one pass for both
     g, loss_before = reduce([flatten(g), loss_before.detach()])
 
-    kl_hessian = hvp_operator(lambda p: objective(p)[1], params)  # the Fisher at params
+    kl_hessian = fisher or hvp_operator(lambda p: objective(p)[1], params)  # the Fisher at params
 
     def fisher_vector(v: Tensor) -> Tensor:
         return reduce([flatten(kl_hessian(unflatten(v, params)))])[0] + cg_damping * v

@@ -34,7 +34,7 @@ from metarun.trainers.results import (
     write_results,
 )
 from metarun.utils import checkpoint
-from metarun.utils.runtime import seed_everything, set_threads
+from metarun.utils.runtime import resolve_device, seed_everything, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class RLRun:
     train_seconds: float = 0.0  # wall-clock time of the meta-iterations, across resumes
     sittings: list[dict] = field(default_factory=list)  # each stretch of training between resumes
     tasks_per_rank: int = 0  # this process's share of the meta-batch (all of it without torchrun)
-    device: torch.device = torch.device("cpu")  # small policies and CPU simulators
+    device: torch.device = torch.device("cpu")  # the statistics' device (the TRPO step: algorithm.device)
     model_kwargs: dict = field(default_factory=dict)  # the policy's sizes, from the environments
     training_log: list[dict] = field(default_factory=list)  # every logged iteration's statistics (the returns)
 
@@ -65,10 +65,11 @@ def policy_sizes(envs) -> dict[str, int]:
 
 
 def setup(cfg: DictConfig, run_dir: Path) -> RLRun:
-    """The task distribution (environments), the policy and the algorithm; RL runs on the CPU."""
-    if cfg.device not in ("auto", "cpu"):
-        log.warning("meta-RL runs on the CPU (small policies, CPU simulators): device=%s is not used", cfg.device)
-    log.info("cpu_threads=%d", set_threads(cfg.trainer.num_threads))
+    """The task distribution (environments), the policy and the algorithm. The environments and the
+    policy that samples them stay on the CPU; the TRPO step runs on ``device`` (a GPU when there is one
+    and ``device`` is auto or cuda), which gets the episodes once per meta-iteration."""
+    device = resolve_device(distributed.device_for(cfg.device))
+    log.info("cpu_threads=%d trpo_device=%s", set_threads(cfg.trainer.num_threads), device)
     seed_everything(cfg.seed)
     envs = instantiate(cfg.task)
     model_kwargs = policy_sizes(envs)
@@ -77,7 +78,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> RLRun:
     # a single process's)
     generators = {"tasks": torch.Generator().manual_seed(distributed.rank_seed(cfg.seed)),
                   "actions": torch.Generator().manual_seed(distributed.rank_seed(cfg.seed + 1))}
-    run = RLRun(cfg, run_dir, envs, policy, MAMLTRPO(cfg.algorithm, policy), generators)
+    run = RLRun(cfg, run_dir, envs, policy, MAMLTRPO(cfg.algorithm, policy, device), generators)
     run.tasks_per_rank = distributed.check_meta_batch(cfg.algorithm.meta_batch_size)
     run.model_kwargs = model_kwargs
     return run
