@@ -48,6 +48,10 @@ gpu-pack: $(STAMP) ## put into .gpu/ what an offline GPU machine needs for .ci/g
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/wheels \
 		hydra-core==1.3.8 omegaconf==2.3.1
 	$(PY) -m pip wheel -q --no-deps -w .gpu/wheels antlr4-python3-runtime==4.9.3
+	# meta-RL there: MuJoCo and gymnasium with what they import (about 11 MB; mujoco-studio is not imported)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+		--platform manylinux_2_28_x86_64 -d .gpu/wheels mujoco==4.0.0 mujoco-core==4.0.0 gymnasium==1.4.0 \
+		cloudpickle==3.1.3 farama-notifications==0.0.6 glfw==2.11.0
 	cp $(METARUN_DATA_DIR)/omniglot/images_background.zip $(METARUN_DATA_DIR)/omniglot/images_evaluation.zip \
 		.gpu/data/omniglot/
 	@du -sh .gpu

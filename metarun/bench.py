@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for device in devices:
             for path in args.rl_paths:
                 print(f"benchmarking {name} (meta-RL, {path}, TRPO on {device}) ...", flush=True)
-                rl_rows.append(bench_rl(name, [*overrides, *threads], iterations, path, device))
+                rl_rows.append(bench_rl(name, [*overrides, *threads], args.iterations or iterations, path, device))
     if rl_rows:
         print(rl_table(rl_rows))
     if any(name != "navigation2d" for name in args.rl):

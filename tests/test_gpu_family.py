@@ -42,3 +42,25 @@ def test_family_step_runs_every_preset_and_reports_them_beside_the_papers(tmp_pa
         (tmp_path / "out" / "family" / "results_metasgd.json").read_text())["results"]["1-shot"]
     assert "after_50_steps" in json.loads((tmp_path / "out" / "family" / "results_reptile.json").read_text())[
         "results"]["1-shot"]
+
+
+@pytest.mark.smoke
+def test_rl_step_benches_both_paths_trains_and_reports(tmp_path):
+    """.ci/gpu-rl on a CPU with a tiny HalfCheetah: the bench rows of both paths, a run evaluated, its report."""
+    pytest.importorskip("mujoco")
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "OUT": str(tmp_path / "out"),
+           "RL_RUN": str(tmp_path / "run"), "OMP_NUM_THREADS": "1",
+           "RL_BENCH_ARGS": "--rl navigation2d --iterations 1 --threads 1",
+           "RL_ARGS": "task.horizon=5 algorithm.meta_batch_size=2 algorithm.trajectories=2 trainer.iterations=2 "
+                      "trainer.test_tasks=2 trainer.num_threads=1 task.threads=2"}
+    done = subprocess.run(["bash", str(ROOT / ".ci" / "gpu-rl")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "out" / "rl"
+    record = json.loads(next(out.glob("bench_*.json")).read_text())
+    assert [(r["config"], r["path"], r["device"]) for r in record["rl"]] == [
+        ("navigation2d", "gymnasium + autograd", "cpu"), ("navigation2d", "batched + factored", "cpu")]
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "halfcheetah_dir" and results["training"]["iterations"] == 2
+    assert len(results["training_log"]) == 2  # the return during training, every iteration
+    assert "halfcheetah_dir" in (out / "report.md").read_text()
