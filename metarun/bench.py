@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "against 1 process x N threads, per config (0: skip)")
     parser.add_argument("--processes-worker", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (trainer.num_threads; "
-                        "default: the config's, every core)")
+                        "default: the config's, every core), and the batched sampler's (task.threads)")
     args = parser.parse_args(argv)
     if args.processes_worker:
         _processes_worker(args.processes_worker)
@@ -399,7 +399,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for device in devices:
             for path in args.rl_paths:
                 print(f"benchmarking {name} (meta-RL, {path}, TRPO on {device}) ...", flush=True)
-                rl_rows.append(bench_rl(name, [*overrides, *threads], args.iterations or iterations, path, device))
+                sampler = [f"task.threads={args.threads}"] if args.threads and name != "navigation2d" else []
+                rl_rows.append(bench_rl(name, [*overrides, *threads, *sampler], args.iterations or iterations, path,
+                                        device))
     if rl_rows:
         print(rl_table(rl_rows))
     if any(name != "navigation2d" for name in args.rl):

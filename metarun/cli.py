@@ -11,6 +11,7 @@ set ``HYDRA_FULL_ERROR=1`` for the full traceback.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -67,6 +68,29 @@ def _existing_run_dir(resume, evaluate, default):
     return str(ckpt.parent.parent)
 
 
+JOB_DIR_MAX = 100  # characters of a sweep job's folder name; longer override lists are shortened
+
+
+def job_dir_name(overrides: str) -> str:
+    """A sweep job's folder name: its overrides as Hydra joins them (``k=v,k=v``), or, past
+    ``JOB_DIR_MAX`` characters, the whole overrides that fit, ``+`` and the first 8 hex digits of the
+    full string's SHA-1 (distinct per job, the same in every run). A long override list otherwise
+    exceeds what a file system allows in one name (255 bytes); the full overrides stay in the job's
+    ``.hydra/overrides.yaml`` and in the sweep's summary."""
+    if len(overrides.encode()) <= JOB_DIR_MAX:
+        return overrides
+    digest = hashlib.sha1(overrides.encode()).hexdigest()[:8]
+    kept = ""
+    for item in overrides.split(","):
+        longer = f"{kept},{item}" if kept else item
+        if len(longer.encode()) > JOB_DIR_MAX - 9:
+            break
+        kept = longer
+    if not kept:  # a single override longer than the limit: its start
+        kept = overrides.encode()[: JOB_DIR_MAX - 9].decode(errors="ignore")
+    return f"{kept}+{digest}"
+
+
 def _output_subdir(resume, evaluate):
     """Hydra's own files of a resume / evaluate go beside the original ones, not over them."""
     if resume or evaluate:
@@ -87,7 +111,8 @@ def _config_groups() -> str:
 def _register() -> None:
     register_configs()
     for name, fn in (("metarun_run_dir", _existing_run_dir), ("metarun_output_subdir", _output_subdir),
-                     ("metarun_groups", _config_groups), ("metarun_now", _started)):
+                     ("metarun_groups", _config_groups), ("metarun_now", _started),
+                     ("metarun_job_dir", job_dir_name)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -155,3 +155,34 @@ def test_a_preset_whose_plugin_is_missing_is_one_line_and_writes_nothing(tmp_pat
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"metarun: error: {arg}") and message in lines[0], proc.stderr
     assert "not installed" in lines[0] and not (tmp_path / "outputs").exists()
+
+
+def test_job_folder_names_stay_readable_and_fit_the_file_system():
+    from metarun.cli import JOB_DIR_MAX, job_dir_name
+
+    short = "algorithm=maml,seed=1"
+    assert job_dir_name(short) == short
+    long = ",".join(f"trainer.key_{i}=0.0123456789" for i in range(20))
+    name = job_dir_name(long)
+    assert len(name.encode()) <= JOB_DIR_MAX and name.startswith("trainer.key_0=0.0123456789,trainer.key_1=")
+    assert name == job_dir_name(long) and name != job_dir_name(long.replace("key_19=0.0123456789", "key_19=1"))
+    assert len(job_dir_name("model.path=" + "x" * 400).encode()) <= JOB_DIR_MAX  # one override alone too long
+
+
+def test_a_sweep_with_long_overrides_runs_with_shortened_folders(tmp_path):
+    """Issue 42's command failed with `[Errno 36] File name too long`: each job's folder is now its first
+    overrides and a hash, the full overrides in its .hydra/overrides.yaml and in the summary."""
+    given = ["trainer.iterations=5", "trainer.val_tasks=4", "trainer.test_tasks=8", "trainer.log_interval=1",
+             "trainer.val_interval=5", "trainer.checkpoint_interval=5", "algorithm.inner_lr=0.0123456789",
+             "algorithm.meta_batch_size=4", "algorithm.test_inner_steps=10", "trainer.divergence_ratio=10",
+             "trainer.max_minutes=100", "trainer.evaluate_best=true", "model.hidden_sizes=[40,40]"]
+    done = metarun(["-m", "seed=0,1", *given, "trainer.num_threads=1", "trainer.progress=false",
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert len(jobs) == 2 and all(len(job.name) <= 100 and "+" in job.name for job in jobs)
+    assert all((job / "results.json").is_file() for job in jobs)
+    rows = summary(tmp_path / "sweep")
+    assert sorted(row["overrides"].split()[0] for row in rows) == ["seed=0", "seed=1"]
+    assert all(row["overrides"].lower().split()[1:] == [*given, "trainer.num_threads=1", "trainer.progress=false"]
+               for row in rows)  # (Hydra writes true as True)

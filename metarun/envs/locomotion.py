@@ -300,12 +300,14 @@ class _EnvGroupMixin:
     count as terminated. Per-env rewards and terminations travel in the info dict.
     """
 
-    def __init__(self, name: str, start: int, count: int, slots: int, env_kwargs: dict[str, Any], threads: int = 1):
+    def __init__(self, name: str, start: int, count: int, slots: int, env_kwargs: dict[str, Any], threads: int = 0):
         from gymnasium.spaces import Box
 
         self.envs = [make_env(name, **env_kwargs) for _ in range(count)]
         self.start, self.slots = start, slots
-        # batched stepping: the envs split into one chunk per thread, each simulated on its own thread
+        # threads 0: gymnasium's loop (each env's own step, one after another); >= 1: batched stepping, the
+        # envs split into one chunk per thread, each chunk simulated on its own thread
+        self.batched = threads > 0
         self.threads = max(1, min(threads, count))
         self._chunks = [list(chunk) for chunk in np.array_split(np.arange(count), self.threads)]
         self._pool = ThreadPoolExecutor(self.threads, "metarun-mujoco") if self.threads > 1 else None
@@ -339,15 +341,21 @@ class _EnvGroupMixin:
     def step(self, actions: np.ndarray):
         """Step each env; the info holds ``rewards`` and ``terminated`` arrays over the group's slots.
 
-        With ``threads > 1`` each thread steps its chunk of envs: the physics (``mj_step``, which releases
-        the GIL) of the chunks runs in parallel, and every env makes exactly the calls it makes alone.
+        Batched (``threads`` >= 1), each thread steps its chunk of envs: the physics (``mj_step``, which
+        releases the GIL) of the chunks runs in parallel, and every env makes the MuJoCo calls its own
+        ``step`` makes, skipping only the clipping the sampler has done for all envs at once.
         """
         rewards = np.zeros(self.slots)
         terminated = np.ones(self.slots, dtype=bool)
 
         def step_chunk(chunk: list[int]) -> None:
             for i in chunk:
-                self._obs[i], rewards[i], terminated[i], _, _ = self.envs[i].step(actions[i])
+                env = self.envs[i]
+                if not self.batched or env._ended:
+                    self._obs[i], rewards[i], terminated[i], _, _ = env.step(actions[i])
+                else:
+                    env.simulate(actions[i])
+                    self._obs[i], rewards[i], terminated[i] = env.outcome(actions[i])
 
         if self._pool is None:
             step_chunk(range(len(self.envs)))
@@ -431,7 +439,7 @@ def make_env(name: str, task: dict | None = None, **env_kwargs: Any):
         ) from error
 
 
-def _make_group(name: str, start: int, count: int, slots: int, env_kwargs: dict[str, Any], threads: int = 1):
+def _make_group(name: str, start: int, count: int, slots: int, env_kwargs: dict[str, Any], threads: int = 0):
     """An env group (module-level so that worker processes can unpickle it)."""
     return _backend().group_class(name, start, count, slots, env_kwargs, threads)
 
@@ -445,7 +453,7 @@ class _SyncSampler:
     the episode's end: 2,600 against 7,700 steps/s). The group skips them.
     """
 
-    def __init__(self, name: str, n: int, env_kwargs: dict[str, Any], threads: int = 1):
+    def __init__(self, name: str, n: int, env_kwargs: dict[str, Any], threads: int = 0):
         self.group = _make_group(name, 0, n, n, env_kwargs, threads)
 
     def reset(self, tasks: list[dict], seeds: list[int]) -> np.ndarray:
@@ -463,7 +471,7 @@ class _SyncSampler:
 class _AsyncSampler:
     """``n`` task envs split into groups over at most ``workers`` processes (``AsyncVectorEnv``)."""
 
-    def __init__(self, name: str, n: int, workers: int, env_kwargs: dict[str, Any], threads: int = 1):
+    def __init__(self, name: str, n: int, workers: int, env_kwargs: dict[str, Any], threads: int = 0):
         gym = _backend().gym
         self.n = n
         self.slots = math.ceil(n / workers)
@@ -551,6 +559,7 @@ class LocomotionTasks:
         # shared among the worker processes); gymnasium: one env after another
         cores = max(1, len(os.sched_getaffinity(0)) // num_workers) if hasattr(os, "sched_getaffinity") else 1
         self.threads = 1 if sampler == "gymnasium" else (threads or cores)
+        self._group_threads = 0 if sampler == "gymnasium" else self.threads  # 0: gymnasium's own loop
         self.env_kwargs = dict(env_kwargs or {})
         probe = make_env(name, **self.env_kwargs)
         self.obs_dim: int = probe.observation_space.shape[0]
@@ -576,9 +585,9 @@ class LocomotionTasks:
     def _sampler(self, n: int) -> _SyncSampler | _AsyncSampler:
         if n not in self._samplers:
             if self.num_workers > 1:
-                self._samplers[n] = _AsyncSampler(self.name, n, self.num_workers, self.env_kwargs, self.threads)
+                self._samplers[n] = _AsyncSampler(self.name, n, self.num_workers, self.env_kwargs, self._group_threads)
             else:
-                self._samplers[n] = _SyncSampler(self.name, n, self.env_kwargs, self.threads)
+                self._samplers[n] = _SyncSampler(self.name, n, self.env_kwargs, self._group_threads)
         return self._samplers[n]
 
     def rollout(

@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -26,15 +27,17 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
     rows = []
     for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         path = job / "results.json"
+        given = job / ".hydra" / "overrides.yaml"  # a long override list's folder name is shortened
+        overrides = " ".join(yaml.safe_load(given.read_text()) or []) if given.is_file() else None
         if not path.is_file():
             error = job / ERROR_FILE
             status = f"stopped: {error.read_text().strip()}" if error.is_file() else "no results.json (failed or stopped)"
-            rows.append({"job": job.name, "status": status})
+            rows.append({"job": job.name, "status": status, "overrides": overrides})
             continue
         results = json.loads(path.read_text())
         name, cell = objective_cell(results)
         training = results.get("training", {})
-        row = {"job": job.name, "status": "ok", "objective": name, "value": objective(results),
+        row = {"job": job.name, "overrides": overrides, "status": "ok", "objective": name, "value": objective(results),
                "ci95": cell["ci95"], "diverged_tasks": cell.get("diverged_tasks"),
                "lower_is_better": results.get("lower_is_better"),
                # where the run stopped, which can be past the evaluated (best) checkpoint
