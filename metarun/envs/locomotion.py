@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -529,8 +528,8 @@ class LocomotionTasks:
             chunk of envs per thread (MuJoCo releases the GIL while it steps); ``gymnasium`` steps them one
             after another, as gymnasium's own loop does. Both make the same calls on every env: the
             trajectories are identical.
-        threads: the batched sampler's threads per process; 0 (default): the cores this process may use,
-            divided among the ``num_workers`` processes.
+        threads: the batched sampler's threads per process; 0 (default): as many as torch's threads (the
+            run's ``trainer.num_threads``), divided among the ``num_workers`` processes.
         env_kwargs: passed to gymnasium's robot class, e.g. ``{"include_cfrc_ext_in_observation": False}``.
 
     Raises:
@@ -555,10 +554,10 @@ class LocomotionTasks:
             raise MetarunError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
         self.name, self.horizon, self.seed, self.num_workers = name, horizon, seed, num_workers
         self.sampler = sampler
-        # batched: every process's envs simulated on `threads` threads (0: the cores this process may use,
-        # shared among the worker processes); gymnasium: one env after another
-        cores = max(1, len(os.sched_getaffinity(0)) // num_workers) if hasattr(os, "sched_getaffinity") else 1
-        self.threads = 1 if sampler == "gymnasium" else (threads or cores)
+        # batched: every process's envs simulated on `threads` threads (0: as many as torch's threads, which
+        # the trainer sets from trainer.num_threads, shared among the worker processes); gymnasium: one env
+        # after another
+        self.threads = 1 if sampler == "gymnasium" else (threads or max(1, torch.get_num_threads() // num_workers))
         self._group_threads = 0 if sampler == "gymnasium" else self.threads  # 0: gymnasium's own loop
         self.env_kwargs = dict(env_kwargs or {})
         probe = make_env(name, **self.env_kwargs)
