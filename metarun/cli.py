@@ -263,7 +263,8 @@ def _placement(cfg: DictConfig) -> dict:
                           "a launcher (hydra/launcher=submitit_slurm) whose jobs are the torchrun runs")
     distributed.check_meta_batch(cfg.algorithm.meta_batch_size)
     devices = distributed.all_gather_object(distributed.device_for(cfg.device), "set-up")
-    info = {"world_size": distributed.world_size(), "backend": distributed.backend(), "devices": devices}
+    info = {"world_size": distributed.world_size(), "backend": distributed.backend(), "devices": devices,
+            "launcher": distributed.launcher()}
     log.info("torchrun: %d processes, backend %s, devices %s", info["world_size"], info["backend"], " ".join(devices))
     return info
 

@@ -22,6 +22,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -85,6 +86,9 @@ def device_for(name: str) -> str:
         return "cpu"
     if name in ("auto", "cuda"):
         count, per_node = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+        if count == 0:  # device=cuda on a machine without one: not a matter of --nproc_per_node
+            raise ConfigError(f"device={name} under torchrun but no GPU is visible on this node: give device=cpu "
+                              "(or auto) to train on CPU processes")
         if per_node > count:  # the same check, and the same line, on every rank
             raise ConfigError(f"torchrun started {per_node} processes on this node but only {count} GPU(s) are "
                               f"visible: give --nproc_per_node={count} (or device=cpu for CPU processes)")
@@ -167,6 +171,28 @@ def check_meta_batch(meta_batch_size: int) -> int:
         raise ConfigError(f"algorithm.meta_batch_size={meta_batch_size} does not split evenly over {world} processes "
                           "(the meta-batch is global: give a multiple of the number of processes)")
     return meta_batch_size // world
+
+
+def launcher() -> dict:
+    """How torchrun started this job, for run_info.json, so that the run can be started again from its
+    folder: torchrun's command line (the elastic agent's, this process's parent, read from ``/proc``
+    on Linux; elsewhere one rebuilt from torchrun's environment) and the layout it gave."""
+    env = os.environ
+    per_node = int(env.get("LOCAL_WORLD_SIZE", world_size()))
+    info = {"name": "torchrun", "nproc_per_node": per_node,
+            "nnodes": int(env.get("GROUP_WORLD_SIZE", max(1, world_size() // per_node))),
+            "max_restarts": int(env.get("TORCHELASTIC_MAX_RESTARTS", 0)),
+            "restart_count": int(env.get("TORCHELASTIC_RESTART_COUNT", 0))}
+    command = None
+    try:
+        words = [w.decode(errors="replace") for w in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0") if w]
+        if any(w.endswith("torchrun") or w == "torch.distributed.run" for w in words):
+            command = words
+    except OSError:
+        pass
+    info["command"] = command or ["torchrun", f"--nnodes={info['nnodes']}", f"--nproc_per_node={per_node}",
+                                  "-m", "metarun", *sys.argv[1:]]
+    return info
 
 
 def rank_seed(seed: int) -> int:

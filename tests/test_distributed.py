@@ -81,6 +81,11 @@ def test_two_rank_run_owns_one_folder_evaluates_as_one_process_and_resumes_on_on
     run_dir = only_run(tmp_path)
     info = json.loads((run_dir / "run_info.json").read_text())
     assert (info["world_size"], info["backend"], info["devices"]) == (2, "gloo", ["cpu", "cpu"])
+    # how to start it again: torchrun's own command line and the layout it gave
+    launcher = info["launcher"]
+    assert (launcher["name"], launcher["nproc_per_node"], launcher["nnodes"]) == ("torchrun", 2, 1)
+    assert "--nproc_per_node=2" in launcher["command"] and "--standalone" in launcher["command"]
+    assert launcher["command"][-len(SMOKE) - 1:] == [*SMOKE, "algorithm.meta_batch_size=4"]
     log = (run_dir / "metarun.log").read_text()
     assert log.count("validation mse_after_0_steps") == 2  # rank 0's log only (two validations)
     assert "torchrun: 2 processes, backend gloo" in log
@@ -95,6 +100,7 @@ def test_two_rank_run_owns_one_folder_evaluates_as_one_process_and_resumes_on_on
     one = cli(f"evaluate={run_dir}", "trainer.num_threads=1")
     assert one.returncode == 0, one.stderr[-2000:]
     assert numbers(json.loads((run_dir / "results.json").read_text())) == numbers(two_ranks)
+    assert "continuation differs" not in (run_dir / "metarun.log").read_text()  # an evaluation continues nothing
 
     # resumed on one process: it continues from the 2-rank checkpoint with rank 0's task stream and
     # the whole meta-batch; its first step is exactly that step taken here by hand
@@ -177,6 +183,17 @@ def test_more_gpu_ranks_than_gpus_is_refused_alike_on_every_rank(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert distributed.device_for("auto") == "cuda:1" and distributed.device_for("cpu") == "cpu"
+
+
+def test_cuda_ranks_on_a_node_without_gpus_are_told_to_use_the_cpu(monkeypatch):
+    """Not `--nproc_per_node=0`, which the GPU-count check would suggest."""
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="^device=cuda under torchrun but no GPU is visible on this node: give "
+                       r"device=cpu \(or auto\)") as error:
+        distributed.device_for("cuda")
+    assert "nproc_per_node" not in str(error.value)
 
 
 def test_one_process_is_untouched():

@@ -180,7 +180,7 @@ def save(run: Run, name: str = checkpoint.LAST) -> Path | None:
     return checkpoint.save_atomic(state, run.run_dir / checkpoint.CHECKPOINT_DIR / name)
 
 
-def restore(run: Run, state: dict) -> None:
+def restore(run: Run, state: dict, eval_only: bool = False) -> None:
     """Put a run back exactly where ``state`` was saved."""
     run.model.load_state_dict(state["model"])
     run.algorithm.load_state_dict(state.get("algorithm", {}))
@@ -198,7 +198,7 @@ def restore(run: Run, state: dict) -> None:
         checkpoint.set_rng_state(ranks[distributed.rank()], run.generators)
     else:  # a rank the saved run did not have: a fresh stream of its own, apart from its first one
         run.generators["train"].manual_seed(distributed.rank_seed(run.cfg.seed) + run.iteration)
-    if len(ranks) != distributed.world_size():
+    if len(ranks) != distributed.world_size() and not eval_only:  # (an evaluation continues nothing)
         log.info("the checkpoint was written by %d process(es), this run has %d: ranks continue their own task "
                  "streams where they exist, so the continuation differs from an uninterrupted run", len(ranks),
                  distributed.world_size())
@@ -374,7 +374,7 @@ def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, ev
     kept = state.get("batching") if state is not None and cfg.algorithm.batching == "auto" else None
     run = setup(cfg, run_dir, batching=kept)
     if state is not None:
-        restore(run, state)
+        restore(run, state, eval_only)
         log.info("%s the checkpoint of iteration %d", "evaluating" if eval_only else "resuming from", run.iteration)
     if eval_only:  # best.pt knows the validations up to itself; last.pt, the run's whole history
         last = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.LAST
