@@ -377,6 +377,27 @@ def _is_user_error(exc: BaseException) -> bool:
             or isinstance(exc, OSError) and exc.filename is not None)
 
 
+def _override_under_null(exc: BaseException) -> str | None:
+    """For ``metarun -m hydra.sweeper.params.seed=0``: an override that sets a key under a node that is
+    null (the basic sweeper's ``params``) fails inside OmegaConf with a bare AssertionError; the line
+    naming the override, and for the sweeper's params how a sweep takes its values."""
+    if not isinstance(exc, AssertionError) or "Unexpected type for root: NoneType" not in str(exc):
+        return None
+    tb, key = exc.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_apply_overrides_to_config":
+            key = tb.tb_frame.f_locals.get("key")
+        tb = tb.tb_next
+    if key is None:
+        return None
+    parent = key.rsplit(".", 1)[0]
+    line = f"{key}: {parent} is null in the composed config, so no key can be set under it"
+    if parent == "hydra.sweeper.params":
+        line += (" (the default sweeper takes a sweep's values as overrides, e.g. metarun -m seed=0,1,2; "
+                 "hydra.sweeper.params is for hydra/sweeper=optuna, see configs/sweep/)")
+    return line
+
+
 def _raised_by_the_call(exc: BaseException) -> bool:
     """A TypeError raised by the call itself (arguments the target does not take), not inside it."""
     tb = exc.__traceback__
@@ -527,6 +548,10 @@ def main() -> None:
             sys.exit(1)
         distributed.finish()
     except (_UserError, Exception) as exc:
+        null_parent = _override_under_null(exc)
+        if null_parent:
+            print(f"metarun: error: {null_parent}", file=sys.stderr)
+            sys.exit(2)
         if not _is_user_error(exc):
             traceback.print_exc()
             print(f"metarun: internal error ({type(exc).__name__}): not a known problem with the input. If the "
@@ -543,7 +568,8 @@ def main() -> None:
         sys.exit(2)
     except KeyboardInterrupt as exc:
         if distributed.is_main():
-            print(f"metarun: interrupted ({exc or 'SIGINT'}); the last checkpoint is in the run folder", file=sys.stderr)
+            print(f"metarun: interrupted ({str(exc) or 'SIGINT'}); the last checkpoint is in the run folder",
+                  file=sys.stderr)
         sys.exit(130)
     finally:
         distributed.close()

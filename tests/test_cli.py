@@ -110,6 +110,9 @@ def test_python_dash_m_and_console_script_agree(cli):
     (["algorithm=imaml", "algorithm.cg_iterations=0"], ["algorithm.cg_iterations must be >= 1"]),
     (["algorithm=mamlpp", "algorithm.per_step_norm=true"], ["algorithm.per_step_norm=true needs a model with normalization layers"]),
     (["algorithm=reptile", "algorithm.inner_optimizer=rmsprop"], ["algorithm.inner_optimizer must be adam or sgd"]),
+    # a key under the basic sweeper's null params (was "internal error (AssertionError)" and a traceback)
+    (["-m", "hydra.sweeper.params.seed=0", "debug=smoke"], ["hydra.sweeper.params is null", "metarun -m seed=0,1,2"]),
+    (["task=halfcheetah_dir", "algorithm.fisher=hessian"], ["algorithm.fisher=hessian: must be one of factored, autograd"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(cli, args, fragments):
     assert_one_line_error(cli(*args), *fragments)
@@ -394,3 +397,20 @@ def test_bench_measures_both_batchings(tmp_path):
     assert (row["config"], row["processes"], row["meta_batch_size"]) == ("sinusoid", 2, 24)
     assert row["ms_processes"] > 0 and row["ms_threads"] > 0
     assert row["speedup"] == pytest.approx(row["ms_threads"] / row["ms_processes"])
+
+
+def test_an_interrupt_without_a_message_names_sigint(monkeypatch, capsys):
+    """Ctrl-C of a hydra/launcher=local sweep reaches main() as a bare KeyboardInterrupt (it printed
+    `metarun: interrupted ()`)."""
+    from metarun import cli as cli_module
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "hydra_main", interrupted)
+    monkeypatch.setattr(sys, "argv", ["metarun", "debug=smoke"])
+    with pytest.raises(SystemExit) as stop:
+        cli_module.main()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.strip() == (
+        "metarun: interrupted (SIGINT); the last checkpoint is in the run folder")
