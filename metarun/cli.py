@@ -68,7 +68,7 @@ def _existing_run_dir(resume, evaluate, default):
     return str(ckpt.parent.parent)
 
 
-JOB_DIR_MAX = 100  # characters of a sweep job's folder name; longer override lists are shortened
+JOB_DIR_MAX = 160  # characters of a sweep job's folder name; longer override lists are shortened
 
 
 def job_dir_name(overrides: str) -> str:
