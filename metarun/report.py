@@ -50,8 +50,10 @@ class ReportError(MetarunError):
     """A folder or file the report cannot use; the message names it."""
 
 
-# keys that say where things are or how they are shown, never what is measured: not a difference
-IGNORED = re.compile(r"^(seed|resume|evaluate|hydra\..*|task\.(data_dir|cache_dir|splits_dir|root|progress)"
+# keys that say where things are or how they are shown, never what is measured: not a difference.
+# (task.root is: an image folder's root is its dataset; data_dir and splits_dir only locate the
+# built-in datasets, whose content is fixed)
+IGNORED = re.compile(r"^(seed|resume|evaluate|hydra\..*|task\.(data_dir|cache_dir|splits_dir|progress)"
                      r"|trainer\.progress|debug)$")
 RUN_FILE = "results.json"
 NOT_RUNS = {".hydra", "tb", "checkpoints", ".submitit", "report"}
@@ -232,6 +234,14 @@ def group_runs(runs: list[Run], by: list[str] | None = None) -> list[Table]:
     return tables
 
 
+def seeds_cell(conf: Configuration) -> str:
+    """The seeds a row pools, saying so when one seed appears more than once (the same run twice, or
+    runs that differ only in what the report does not compare)."""
+    seeds = [str(r.seed) for r in conf.runs]
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    return ",".join(seeds) + (f" (seed {', '.join(twice)} more than once)" if twice else "")
+
+
 def setting(run: Run, key: str):
     """What a run set ``key`` to: its override, else its config's value (a group's chosen name for a
     group override such as ``algorithm=anil``), else ``default`` (``implementation``: ``metarun``, the
@@ -392,7 +402,7 @@ def table_rows(table: Table, published: list[dict]) -> tuple[list[str], list[lis
     rows = []
     for conf in table.configurations:
         cells = [_short(conf.settings[c]) for c in table.columns]
-        cells.append(",".join(str(r.seed) for r in conf.runs))
+        cells.append(seeds_cell(conf))
         cells += [_pooled_text(pooled(conf, table.group, s), table.metric) for s in steps]
         last = pooled(conf, table.group, own[id(conf)])
         if mixed:
@@ -691,7 +701,7 @@ def test_curve_rows(table: Table) -> tuple[list[str], list[list[str]]] | None:
     for conf in table.configurations:
         cs = [c for c in curves[id(conf)] if c[0]]
         cells = [_short(conf.settings[c]) for c in table.columns]
-        cells += [",".join(str(r.seed) for r in conf.runs), "/".join(sorted({str(c[2]) for c in cs})) or "–"]
+        cells += [seeds_cell(conf), "/".join(sorted({str(c[2]) for c in cs})) or "–"]
         for n in points:
             values = [p[key] for curve, key, _ in cs for p in curve if p["iteration"] == n and p.get(key) is not None]
             sd = statistics.stdev(values) if len(values) >= 2 else None

@@ -229,3 +229,24 @@ def test_parity_runs_one_row_per_implementation_and_the_test_curve_table(tmp_pat
     assert next(line for line in md.splitlines() if line.startswith("| metarun | 0 | 50 |")).split(" | ")[3:5] == [
         "–", "80.00 (1) |"]
     assert (out / "omniglot_1_shot_test_vs_iterations.png").is_file()
+
+
+def test_runs_on_other_image_folders_are_other_rows_and_a_repeated_seed_is_said(tmp_path):
+    """Two image_folder runs with the same seed and different task.root were pooled as one row
+    `seeds 0,0`: a dataset's root is what it measures. The same seed twice in one row is said."""
+    def run(root, seed, accuracy, name):
+        results = {"task": "image_folder", "metric": "accuracy", "headline": "1-shot", "lower_is_better": False,
+                   "results": {"1-shot": {"after_1_steps": {"mean": accuracy, "ci95": 0.01}}}}
+        config = {"seed": seed, "task.root": root, "task.cache_dir": f"/cache/{name}", "algorithm.name": "maml"}
+        return report.Run(tmp_path / name, results, config, {}, {"seed": seed})
+
+    tables = report.group_runs([run("/data/a", 0, 0.8, "a"), run("/data/b", 0, 0.6, "b")])
+    (table,) = tables
+    assert table.columns == ["task.root"] and [c.settings["task.root"] for c in table.configurations] == [
+        "/data/a", "/data/b"]
+    # runs that differ only in a cache folder are one configuration; a seed given twice is said
+    (table,) = report.group_runs([run("/data/a", 0, 0.8, "a"), run("/data/a", 0, 0.7, "c")])
+    (conf,) = table.configurations
+    assert report.seeds_cell(conf) == "0,0 (seed 0 more than once)"
+    header, rows = report.table_rows(table, [])
+    assert rows[0][header.index("seeds")] == "0,0 (seed 0 more than once)"
