@@ -167,34 +167,54 @@ def number(value: float | None) -> str:
 CELL_WIDTH = 24  # a number of at most 10 characters, " +- ", another of at most 10
 
 
-def cell_text(cell: dict) -> str:
-    """``mean +- ci95`` in a fixed width, the mean right-aligned at the ``+-``."""
-    if cell["mean"] is None:
+def _diverged_mark(cell: dict) -> str:
+    """`` [3 div]`` after a cell whose mean leaves out diverged tasks; empty otherwise."""
+    n = cell.get("diverged_tasks") or 0
+    return f" [{n} div]" if n and cell.get("mean_without_diverged") is not None else ""
+
+
+def cell_text(cell: dict, mark_width: int = 0) -> str:
+    """``mean +- ci95`` in a fixed width, the mean right-aligned at the ``+-``. Where some tasks
+    diverged, the mean and interval over the others, marked ``[n div]`` (the mean of all tasks, which
+    one diverged task can make 1e20, is in the table's notes and in results.json); ``mark_width``
+    pads every cell of a table to the same width."""
+    mark = _diverged_mark(cell)
+    if mark:
+        text = f"{number(cell['mean_without_diverged']):>10} +- {number(cell['ci95_without_diverged']):<10}"
+    elif cell["mean"] is None:
         n = cell["nonfinite_tasks"]
-        return f"{f'non-finite on {n} task' + 's' * (n != 1):>{CELL_WIDTH}}"
-    return f"{number(cell['mean']):>10} +- {number(cell['ci95']):<10}"
+        text = f"{f'non-finite on {n} task' + 's' * (n != 1):>{CELL_WIDTH}}"
+    else:
+        text = f"{number(cell['mean']):>10} +- {number(cell['ci95']):<10}"
+    return text + f"{mark:<{mark_width}}"
 
 
 def results_table(results: dict) -> str:
     """The printed table: a row per entry of ``results["results"]`` (the headline marked ``*``
-    where there are several), a column per inner-step count; then a line per cell where some tasks
-    diverged, with the mean over the others."""
+    where there are several), a column per inner-step count. A cell where some tasks diverged gives
+    the mean over the others, marked ``[n div]``; a note per such cell gives the mean of all tasks."""
     groups, headline = results["results"], results.get("headline")
     steps = [int(key.split("_")[1]) for key in next(iter(groups.values()))]  # after_<n>_steps
     names = [f"{n} step{'' if n == 1 else 's'}" for n in steps]
     marked = headline if len(groups) > 1 and headline in groups else None
     width = max(len(g) for g in groups) + 2
+    mark_width = max(len(_diverged_mark(c)) for row in groups.values() for c in row.values())
     head = f"{results['task']} test {results['metric']} ({results['test_tasks']} tasks, mean +- 95% CI)"
-    lines = [head, (" " * width + "  ".join(f"{n:^{CELL_WIDTH}}" for n in names)).rstrip()]
+    lines = [head, (" " * width + "  ".join(f"{n:^{CELL_WIDTH + mark_width}}" for n in names)).rstrip()]
     notes = [f"* {marked}: the K the model was trained with (the headline and the sweep objective)"] if marked else []
     for group, row in groups.items():
         label = group + ("*" if group == marked else "")
-        lines.append((f"{label:<{width}}" + "  ".join(map(cell_text, row.values()))).rstrip())
-        notes += [f"{group} after {name}: {cell['diverged_tasks']} of {results['test_tasks']} tasks diverged; "
-                  f"without them {number(cell['mean_without_diverged'])} +- {number(cell['ci95_without_diverged'])}"
-                  + (f" (median of all {number(cell['median'])})" if cell["median"] is not None else "")
-                  for name, cell in zip(names, row.values()) if cell.get("diverged_tasks")]
-    if any(cell.get("diverged_tasks") for row in groups.values() for cell in row.values()):
+        lines.append((f"{label:<{width}}" + "  ".join(cell_text(c, mark_width) for c in row.values())).rstrip())
+        for name, cell in zip(names, row.values()):
+            if not _diverged_mark(cell):
+                continue
+            everything = (f"{number(cell['mean'])} +- {number(cell['ci95'])}" if cell["mean"] is not None
+                          else f"not finite ({cell['nonfinite_tasks']} tasks)")
+            notes.append(f"[{cell['diverged_tasks']} div] {group} after {name}: {cell['diverged_tasks']} of "
+                         f"{results['test_tasks']} tasks diverged and are left out of the cell; over all "
+                         f"{results['test_tasks']}: {everything}"
+                         + (f" (median {number(cell['median'])})" if cell["median"] is not None else ""))
+    if mark_width:
         notes.append(f"(diverged: the task's query loss ended above {results['divergence_ratio']:g}x its value "
                      "before adapting, or was not finite; trainer.divergence_ratio)")
     return "\n".join(lines + notes)
