@@ -177,7 +177,7 @@ def run(cfg: DictConfig) -> float:
         if isinstance(earlier, float):
             return earlier
         state = earlier
-        _say_where_the_values_come_from()
+        _say_where_the_values_come_from(cfg)
     placement = _placement(cfg)
     if state is None and distributed.is_main():
         write_provenance(cfg, run_dir, placement)
@@ -269,8 +269,18 @@ def _placement(cfg: DictConfig) -> dict:
     return info
 
 
-def _say_where_the_values_come_from() -> None:
-    """Log which file gave the algorithm its values for the setting, or that none did."""
+def _say_where_the_values_come_from(cfg: DictConfig) -> None:
+    """Log the run folder (TensorBoard can be pointed at it at once), the setting an image folder
+    starts from, and which file gave the algorithm its values for the setting, or that none did."""
+    log.info("run folder: %s (tensorboard --logdir %s)", HydraConfig.get().runtime.output_dir,
+             HydraConfig.get().runtime.output_dir)
+    setting = HydraConfig.get().runtime.choices.get("setting")
+    if cfg.task.name == "image_folder":
+        log.info("task=image_folder runs with setting=%s: %s-way %s-shot, %s queries, %s iterations, model %s, "
+                 "meta-batch %s; for small grayscale images like Omniglot's, setting=omniglot_5w1s model=conv4 "
+                 "is the Omniglot protocol (docs/your_data.md)", setting, cfg.task.ways, cfg.task.shots,
+                 cfg.task.queries, cfg.trainer.iterations, cfg.model._target_.rsplit(".", 1)[-1],
+                 cfg.algorithm.meta_batch_size)
     choice = HydraConfig.get().runtime.choices.get("paper")
     if choice and (Path(CONFIG_DIR) / "paper" / f"{choice}.yaml").is_file():
         log.info("algorithm values for this setting: configs/paper/%s.yaml", choice)

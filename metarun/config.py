@@ -86,6 +86,7 @@ class ImageFolderTaskConfig(FewShotTaskConfig):
     resize: bool = True  # false: refuse images that are not image_size x image_size
     split_file: str | None = None  # CSV (class,split) or JSON, for root/<class>/ without split folders
     images_per_class: int | None = None  # None: the smallest class's count in each split
+    invert: bool = False  # feed 255 - pixel (dark strokes on white -> bright on black)
     queries: int = 15
     test_queries: int = 15
 

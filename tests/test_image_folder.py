@@ -303,6 +303,24 @@ def test_a_class_with_fewer_images_than_an_episode_takes_is_named(tmp_path):
     assert episode.tasks.support_x.shape == (2, 3, 3, 16, 16) and episode.tasks.query_y.shape == (2, 6)
 
 
+def test_invert_feeds_255_minus_each_pixel_in_training_and_in_metarun_load(tmp_path):
+    """task.invert: dark strokes on white fed as bright on black (as the built-in Omniglot is), the same
+    through the task's image_transform that metarun.load uses; the cache is shared."""
+    from omegaconf import OmegaConf
+
+    root = split_folders(tmp_path / "data")
+    kwargs = dict(root=root, image_size=16, cache_dir=tmp_path / "cache", progress=False, ways=3, shots=1,
+                  queries=2, test_queries=2)
+    plain, inverted = ImageFolderTasks(**kwargs), ImageFolderTasks(**kwargs, invert=True)
+    assert plain.cache_path == inverted.cache_path
+    for split in ("train", "val", "test"):
+        assert torch.equal(inverted.splits[split], 255 - plain.splits[split])
+    image = next((root / "train" / class_name("train", 0)).iterdir())
+    transform = ImageFolderTasks.image_transform(OmegaConf.create(dict(image_size=16, channels=3, invert=True)))
+    same = ImageFolderTasks.image_transform(OmegaConf.create(dict(image_size=16, channels=3)))
+    assert (transform(image) == 255 - same(image)).all()
+
+
 # --------------------------------------------------------------------------------------------------
 # The metarun command
 
@@ -365,6 +383,10 @@ def test_a_run_on_your_own_folder_with_your_own_model(tmp_path):
     state = torch.load(project / "run" / "checkpoints" / "last.pt", weights_only=False)
     assert state["model"]["body.0.weight"].shape == (4, 3, 3, 3)  # the user's model, with model.width=4
     assert (tmp_path / "cache").is_dir() and not list(root.rglob("*.pt"))
+    log = (project / "run" / "metarun.log").read_text()  # where it runs, and which protocol it starts from
+    assert f"run folder: {project / 'run'}" in log
+    assert "task=image_folder runs with setting=miniimagenet_5w1s: 3-way 1-shot, 2 queries, 2 iterations" in log
+    assert "setting=omniglot_5w1s model=conv4" in log
 
     # evaluate reads the saved config back, the user's model in it
     proc = subprocess.run([*metarun, "evaluate=run", "trainer.test_tasks=2"], cwd=project, env=env,

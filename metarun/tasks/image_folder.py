@@ -32,6 +32,8 @@ class ImageFolderTasks(FewShotClassification):
         ways, shots, queries, test_queries: N, K and queries per class (training / evaluation).
         cache_dir: writable folder for the uint8 cache.
         progress: show a progress bar while decoding.
+        invert: feed ``255 - pixel`` (dark strokes on white become bright on black, as the built-in
+            Omniglot is fed; the cache keeps the images as they are).
         device, dtype, name: as in :class:`FewShotClassification`.
 
     Raises:
@@ -44,7 +46,7 @@ class ImageFolderTasks(FewShotClassification):
                  ways: int = 5, shots: int = 1,
                  queries: int = 15, test_queries: int = 15, cache_dir: str | Path = "~/.cache/metarun",
                  progress: bool = True, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 name: str = "image_folder") -> None:
+                 name: str = "image_folder", invert: bool = False) -> None:
         if root is None or str(root) == "":
             raise ConfigError(f"task.root is required: the folder of your images, e.g. task={name} task.root=/data/cub "
                               "(root/train/<class>/*.jpg, root/val/..., root/test/..., or root/<class>/*.jpg with "
@@ -64,8 +66,9 @@ class ImageFolderTasks(FewShotClassification):
                 raise DataError(f"class {part.classes[c]} of the {split} split {kept} {counts[c]} images, fewer than "
                                 f"{which} = {shots} + {need - shots} = {need} that an episode takes from each class; "
                                 f"lower task.queries / task.test_queries or task.shots, or add images")
-        super().__init__({split: data[split].images for split in SPLITS}, ways, shots, queries, test_queries,
-                         device, dtype, name)
+        self.invert = bool(invert)
+        images = {split: 255 - data[split].images if invert else data[split].images for split in SPLITS}
+        super().__init__(images, ways, shots, queries, test_queries, device, dtype, name)
 
     @classmethod
     def model_sizes(cls, task) -> dict:
@@ -74,4 +77,6 @@ class ImageFolderTasks(FewShotClassification):
     @classmethod
     def image_transform(cls, task):
         size, channels, resize = int(task.image_size), int(task.channels), bool(task.get("resize", True))
+        if task.get("invert", False):
+            return lambda image: 255 - decode_image(image, size, channels, resize)
         return lambda image: decode_image(image, size, channels, resize)  # -> [channels, size, size]
