@@ -278,7 +278,7 @@ def _say_where_the_values_come_from(cfg: DictConfig) -> None:
     if cfg.task.name == "image_folder":
         log.info("task=image_folder runs with setting=%s: %s-way %s-shot, %s queries, %s iterations, model %s, "
                  "meta-batch %s; for small grayscale images like Omniglot's, setting=omniglot_5w1s model=conv4 "
-                 "is the Omniglot protocol (docs/your_data.md)", setting, cfg.task.ways, cfg.task.shots,
+                 "task.queries=1 task.test_queries=1 is the Omniglot protocol (docs/your_data.md)", setting, cfg.task.ways, cfg.task.shots,
                  cfg.task.queries, cfg.trainer.iterations, cfg.model._target_.rsplit(".", 1)[-1],
                  cfg.algorithm.meta_batch_size)
     choice = HydraConfig.get().runtime.choices.get("paper")
