@@ -149,3 +149,29 @@ def test_the_hyperparameters_and_test_numbers_reach_tensorboards_hparams_dashboa
     (scalar,) = events.Scalars("test/10-shot/after_10_steps")  # the metric's value, in the same run
     assert scalar.value == pytest.approx(results["results"]["10-shot"]["after_10_steps"]["mean"], rel=1e-6)
     assert scalar.step == results["iteration"]
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "metasgd"])
+def test_evaluation_takes_the_runs_batching_and_shows_its_progress(algorithm, capsys):
+    """Validation and test ran under vmap whatever the probe chose (2x the loop's time for a max-pool
+    conv4 on a CPU) and said nothing for minutes: they now take the run's batching, with the same
+    numbers (float64), and show a bar of the tasks done when trainer.progress is on."""
+    curves = {}
+    for batching in ("vmap", "loop"):
+        cfg = compose_config("debug=smoke", f"algorithm={algorithm}", "device=cpu", "dtype=float64",
+                             "trainer.test_tasks=30", f"algorithm.batching={batching}", "trainer.progress=true")
+        run = sup.setup(cfg, run_dir=None)
+        assert run.batching == batching
+        calls = []
+        curve = run.algorithm.curve
+
+        def spy(*args, **kwargs):
+            calls.append(args[-1] if len(args) > 6 else kwargs.get("batching"))
+            return curve(*args, **kwargs)
+
+        run.algorithm.curve = spy
+        curves[batching] = sup.test_curve(run, run.task.shots, chunk=20)
+        assert calls == [batching, batching]  # two chunks of 20 and 10 tasks, each with the run's batching
+    torch.testing.assert_close(curves["loop"].metric, curves["vmap"].metric, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(curves["loop"].loss, curves["vmap"].loss, rtol=1e-10, atol=1e-12)
+    assert "test (10-shot)" in capsys.readouterr().err  # tqdm's bar, on stderr

@@ -21,6 +21,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from metarun import __version__, distributed
 from metarun.algorithms import Algorithm, build
@@ -220,18 +221,26 @@ def meta_step(run: Run, tasks) -> torch.Tensor:
     return loss
 
 
-def fixed_curve(run: Run, tasks: TaskBatch, chunk: int = 100, other_at: tuple[int, ...] = ()) -> Curve:
-    """The adaptation curve (:meth:`Algorithm.curve`) of a fixed task set, ``chunk`` tasks at a time,
-    the queries predicted as ``trainer.transductive`` says (and after ``other_at`` steps the other way too).
-    Under torchrun the chunks are shared out over the ranks and gathered, and are the same chunks
-    for every world size, so the numbers are too."""
+def fixed_curve(run: Run, tasks: TaskBatch, chunk: int = 100, other_at: tuple[int, ...] = (),
+                what: str = "evaluation") -> Curve:
+    """The adaptation curve (:meth:`Algorithm.curve`) of a fixed task set, ``chunk`` tasks at a time
+    with the run's batching (under vmap, or one task after another where the probe found the loop
+    faster), the queries predicted as ``trainer.transductive`` says (and after ``other_at`` steps the
+    other way too), with a progress bar of the tasks done (``what`` names it) when ``trainer.progress``
+    is on. Under torchrun the chunks are shared out over the ranks and gathered, and are the same
+    chunks for every world size, so the numbers are too."""
     params = dict(run.model.named_parameters())
     count = len(tasks[0])
     parts = {}
-    for start in distributed.shard(count, chunk):
-        part = run.algorithm.curve(params, type(tasks)(*(t[start:start + chunk] for t in tasks)), run.task.metric_fn,
-                                   run.cfg.algorithm.test_inner_steps, run.cfg.trainer.transductive, other_at)
-        parts[start] = part if distributed.world_size() == 1 else Curve(*(None if t is None else t.cpu() for t in part))
+    shards = list(distributed.shard(count, chunk))
+    with tqdm(total=sum(min(chunk, count - s) for s in shards), desc=what, unit="task", leave=False, dynamic_ncols=True,
+              disable=not (run.cfg.trainer.progress and distributed.is_main())) as bar:
+        for start in shards:
+            part = run.algorithm.curve(params, type(tasks)(*(t[start:start + chunk] for t in tasks)),
+                                       run.task.metric_fn, run.cfg.algorithm.test_inner_steps,
+                                       run.cfg.trainer.transductive, other_at, run.batching)
+            parts[start] = part if distributed.world_size() == 1 else Curve(*(None if t is None else t.cpu() for t in part))
+            bar.update(min(chunk, count - start))
     parts = distributed.gather_chunks(parts, "evaluation") if distributed.world_size() > 1 else list(parts.values())
     return Curve(*(None if values[0] is None else torch.cat(values, dim=1).to(run.device) for values in zip(*parts)))
 
@@ -251,7 +260,7 @@ def validate(run: Run, writer: SummaryWriter | None, val_tasks) -> dict[str, flo
     part; rank 0 writes)."""
     alg = run.cfg.algorithm
     params = dict(run.model.named_parameters())
-    curve = fixed_curve(run, val_tasks).metric.mean(dim=1)  # (the queries predicted as trainer.transductive says)
+    curve = fixed_curve(run, val_tasks, what="validation").metric.mean(dim=1)  # (the queries predicted as trainer.transductive says)
     name = run.task.metric_name
     steps = sorted({0, min(alg.inner_steps, alg.test_inner_steps), alg.test_inner_steps, *run.cfg.trainer.report_steps})
     scores = {f"{name}_after_{s}_steps": float(curve[s]) for s in steps}
@@ -349,7 +358,7 @@ def test_curve(run: Run, shots: int, chunk: int = 100, other_at: tuple[int, ...]
     tr = run.cfg.trainer
     tasks = run.task.sample(tr.test_tasks, shots, run.task.test_queries, fixed_generator(run, tr.test_seed),
                             split="test").tasks
-    return fixed_curve(run, tasks, chunk, other_at)
+    return fixed_curve(run, tasks, chunk, other_at, what=f"test ({shots}-shot)")
 
 
 def test_point(run: Run) -> dict:
