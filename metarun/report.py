@@ -555,7 +555,7 @@ def _test_curve(run: Run) -> tuple[list[dict], str | None, int]:
     return curve, key, int(key.rsplit("_", 2)[1])
 
 
-def plot_table(table: Table, out: Path) -> list[Path]:
+def plot_table(table: Table, out: Path, notes: list[str] | None = None) -> list[Path]:
     """The table's figures, as PNG and SVG; returns the files written."""
     import matplotlib
 
@@ -579,8 +579,14 @@ def plot_table(table: Table, out: Path) -> list[Path]:
             written.append(path)
         plt.close(fig)
 
-    # the validation score against training time and against iterations
+    # the validation score against training time and against iterations: a curve needs two points
     _, key, ylabel = _history(table.configurations[0].runs[0])
+    points = max(min(len(_history(r)[0]) for r in conf.runs) for conf in table.configurations)
+    if key is not None and points < 2:
+        if notes is not None:
+            notes.append(f"{table.title}: no {ylabel.split(' ')[0]} plots: every configuration has {points} "
+                         "point(s) (a run validates every trainer.val_interval iterations)")
+        key = None
     if key is not None:
         prefix = "validation" if ylabel.startswith("validation") else "training_return"
         for axis, name, xlabel in (("train_seconds", f"{prefix}_vs_time", "training time (s)"),
@@ -829,7 +835,7 @@ def main(argv: list[str]) -> int:
         written = write(out, md, csv_rows(tables, published))
         if not args.no_plots:
             for table in tables:
-                written += plot_table(table, out)
+                written += plot_table(table, out, notes)
     except (MetarunError, OSError) as exc:
         detail = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
         print(f"metarun report: error: {detail}", file=sys.stderr)

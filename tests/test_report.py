@@ -250,3 +250,15 @@ def test_runs_on_other_image_folders_are_other_rows_and_a_repeated_seed_is_said(
     assert report.seeds_cell(conf) == "0,0 (seed 0 more than once)"
     header, rows = report.table_rows(table, [])
     assert rows[0][header.index("seeds")] == "0,0 (seed 0 more than once)"
+
+
+def test_runs_with_one_validation_point_get_no_single_dot_curves(tmp_path):
+    """A run validated once drew a one-dot 'curve' on a wide axis: no validation plot then, and a note."""
+    done = metarun("debug=smoke", "trainer.iterations=2", "trainer.val_interval=2", "trainer.num_threads=1",
+                   "trainer.progress=false", "hydra.run.dir=short", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = metarun("report", "short", "--out", "report", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "note: sinusoid, 10-shot: no validation plots: every configuration has 1 point(s)" in done.stdout
+    written = {p.name for p in (tmp_path / "report").iterdir()}
+    assert not any("validation" in name for name in written) and any("adaptation" in name for name in written)
