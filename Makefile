@@ -43,7 +43,7 @@ lint: $(STAMP) ## ruff over the code and tests
 bench: $(STAMP) ## speed and memory, vmap vs loop; meta-RL steps/s (ARGS="--configs sinusoid --rl" for one)
 	$(PY) -m metarun.bench $(ARGS)
 
-gpu-pack: $(STAMP) ## put into .gpu/ what an offline GPU machine needs for .ci/gpu-check (see README)
+gpu-pack: $(STAMP) ## put into .gpu/ what an offline GPU machine needs for .ci/gpu-check (docs/development.md)
 	rm -rf .gpu && mkdir -p .gpu/wheels .gpu/data/omniglot
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/wheels \
 		hydra-core==1.3.8 omegaconf==2.3.1

@@ -44,7 +44,7 @@ from metarun.config import (
 from metarun.trainers import TRAINERS
 from metarun.utils import checkpoint, sweep
 from metarun.utils.errors import ConfigError, MetarunError
-from metarun.utils.runtime import write_provenance
+from metarun.utils.runtime import record_sitting, write_provenance
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 log = logging.getLogger("metarun")
@@ -68,6 +68,7 @@ def _existing_run_dir(resume, evaluate, default):
     return str(ckpt.parent.parent)
 
 
+_GIVEN_ARGV: list[str] = []  # the command line as typed, for run_info.json
 JOB_DIR_MAX = 160  # characters of a sweep job's folder name; longer override lists are shortened
 
 
@@ -181,6 +182,8 @@ def run(cfg: DictConfig) -> float:
     placement = _placement(cfg)
     if state is None and distributed.is_main():
         write_provenance(cfg, run_dir, placement)
+    elif distributed.is_main():  # a resume or an evaluation: its own command beside the first sitting's
+        record_sitting(run_dir, "evaluate" if eval_only else "resume", _GIVEN_ARGV or sys.argv, placement)
     trainer = TRAINERS.get(cfg.trainer.name)
     if trainer is None:
         raise ConfigError(f"unknown trainer '{cfg.trainer.name}' (known: {', '.join(sorted(TRAINERS))})")
@@ -452,7 +455,29 @@ def _one_line(exc: BaseException) -> str:
     text = text.split("Config search path:")[0]
     text = re.sub(r"\s*object_type=\S+", "", text)
     text = re.sub(r"\s*\n\s*", " ", text).strip()
-    return text.replace("Available options in", "available options in").replace(": \t", ": ")
+    text = text.replace("Available options in", "available options in").replace(": \t", ": ")
+    return _plainer(text)
+
+
+def _plainer(text: str) -> str:
+    """Hydra's and OmegaConf's wording made plainer where a new user meets it: a group choice with a
+    typo gets the nearest option, a value of the wrong type says which type the key takes."""
+    import difflib
+
+    choice = re.search(r"Could not find '(?P<group>[\w/]+)/(?P<name>[^']+)' available options in '[^']+': (?P<options>.*)",
+                       text)
+    if choice:
+        near = difflib.get_close_matches(choice["name"], choice["options"].split(), n=1, cutoff=0.6)
+        group = choice["group"]
+        return (f"{group}={choice['name']}: no such {group}; the options are {choice['options']}"
+                + (f" (did you mean {group}={near[0]}?)" if near else ""))
+    wrong = re.search(r"Error merging override (?P<override>\S+) Value '(?P<value>[^']*)' of type '\w+' could not be "
+                      r"converted to (?P<type>\w+) full_key: (?P<key>\S+)", text)
+    if wrong:
+        kinds = {"Float": "a number", "Integer": "a whole number", "Boolean": "true or false"}
+        return (f"{wrong['override']}: {wrong['key']} takes {kinds.get(wrong['type'], wrong['type'])}, "
+                f"not '{wrong['value']}'")
+    return text
 
 
 _NOT_A_KEY = re.compile(r"Could not override '(?P<key>[^']+)'.*Key '[^']+' (is )?not in", re.DOTALL)
@@ -545,6 +570,7 @@ def main() -> None:
         sys.path.append(os.getcwd())  # the current folder can be a _target_ (last: it shadows no installed package)
     full_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's printer
+    _GIVEN_ARGV[:] = sys.argv  # as typed (resume= and evaluate= get the run's task and algorithm added)
     args = sys.argv[1:] = _with_the_runs_task(sys.argv[1:])
     try:
         missing = _missing_plugin(args)

@@ -745,7 +745,7 @@ def parser() -> argparse.ArgumentParser:
         "configuration, seeds pooled; validation and adaptation plots as PNG and SVG."))
     p.add_argument("folders", nargs="*", type=Path, help="run folders or folders holding them (a sweep, outputs/)")
     p.add_argument("--out", type=Path, help="where report.md, report.csv and the plots go "
-                   "(default: FOLDER/report for one folder, else ./report)")
+                   "(default: FOLDER/report for one sweep or run folder, else ./report)")
     p.add_argument("--published", type=Path, help="a YAML list of published numbers: - {task: omniglot, where: "
                    "{task.ways: 5, task.shots: 1}, value: 98.7, source: Finn et al. 2017}")
     p.add_argument("--no-plots", action="store_true", help="tables only")
@@ -819,6 +819,15 @@ def update(files: list[Path]) -> list[str]:
     return done
 
 
+def default_out(folders: list[Path]) -> Path:
+    """Where the report goes without ``--out``: beside a sweep (a folder with Hydra's multirun.yaml) or
+    in a single run's folder; anywhere else (``outputs/runs``, several folders) ``./report``, so that
+    a folder of runs does not get a ``report`` folder among them."""
+    if len(folders) == 1 and ((folders[0] / "multirun.yaml").is_file() or (folders[0] / RUN_FILE).is_file()):
+        return folders[0] / "report"
+    return Path("report")
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     if not args.folders and not args.update:
@@ -827,8 +836,7 @@ def main(argv: list[str]) -> int:
         if args.update:
             print("\n".join(update(args.update)))
             return 0
-        out = args.out or (args.folders[0] / "report" if len(args.folders) == 1 and args.folders[0].is_dir()
-                           else Path("report"))
+        out = args.out or default_out(args.folders)
         tables, published, notes = build(args.folders, args.published, args.by)
         command = "metarun report " + " ".join(argv)
         md, text = render(tables, published, command)

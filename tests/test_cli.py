@@ -88,14 +88,15 @@ def test_python_dash_m_and_console_script_agree(cli):
     assert proc.returncode == 0 and proc.stdout.startswith("metarun ")  # (--help is checked on its own, below)
     assert cli("--version").stdout == proc.stdout
     assert_one_line_error(subprocess.run([str(script), "task=nosuchtask"], capture_output=True, text=True,
-                                         cwd=cli.cwd), "task/nosuchtask")
+                                         cwd=cli.cwd), "task=nosuchtask: no such task")
 
 
 @pytest.mark.parametrize("args,fragments", [
-    (["task=nosuchtask"], ["task/nosuchtask", "sinusoid"]),
-    (["model=nosuchmodel"], ["model/nosuchmodel"]),
+    (["task=nosuchtask"], ["task=nosuchtask: no such task", "sinusoid"]),
+    (["model=nosuchmodel"], ["model=nosuchmodel: no such model"]),
+    (["algorithm=mamll"], ["algorithm=mamll: no such algorithm", "(did you mean algorithm=maml?)"]),
     (["algorithm.inner_lrr=0.1"], ["algorithm.inner_lrr"]),
-    (["algorithm.inner_lr=abc"], ["algorithm.inner_lr"]),
+    (["algorithm.inner_lr=abc"], ["algorithm.inner_lr=abc: algorithm.inner_lr takes a number, not 'abc'"]),
     (["algorithm.inner_lr=-0.5"], ["algorithm.inner_lr must be > 0"]),
     (["task.shots=0"], ["task.shots must be >= 1"]),
     (["resume=does/not/exist"], ["checkpoint not found: does/not/exist"]),
@@ -277,6 +278,13 @@ def test_resume_continues_in_the_same_folder_and_evaluate_writes_results(cli):
     proc = cli(f"evaluate={run / 'checkpoints' / 'last.pt'}")
     assert proc.returncode == 0, proc.stderr
     assert json.loads((run / "results.json").read_text())["iteration"] == 9
+    # run_info.json: the first sitting's command, then each later sitting's own
+    info = json.loads((run / "run_info.json").read_text())
+    assert "seed=3" in info["argv"] and info["seed"] == 3
+    assert [(s["kind"], s["argv"][1:]) for s in info["sittings"]] == [
+        ("resume", [f"resume={run}", "trainer.iterations=9"]),
+        ("evaluate", [f"evaluate={run / 'checkpoints' / 'last.pt'}"])]
+    assert all(s["versions"]["torch"] == torch.__version__ for s in info["sittings"])
     assert_one_line_error(cli(f"resume={run}", "task=omniglot"), "task=omniglot", "config groups")
     assert cli(f"resume={run}", "task=sinusoid").returncode == 0  # its own task: nothing changes
     assert_one_line_error(cli(f"resume={run}", f"evaluate={run}"), "not both")

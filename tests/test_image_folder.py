@@ -145,6 +145,10 @@ def test_classes_keep_the_smallest_count_or_images_per_class(tmp_path, caplog):
     data = load_image_folder(root, 16, tmp_path / "cache", progress=False)
     assert data.train.images.shape[1] == PER_CLASS and sorted(data.train.available)[-1] == PER_CLASS + 3
     assert "train: 6 classes x 6 images (16x16, 3 channels); 3 of its 39 image files left out" in caplog.text
+    assert "val: 3 classes x 6 images (16x16, 3 channels); all its 18 image files" in caplog.text  # not "0 of its"
+    caplog.clear()
+    load_image_folder(root, 16, tmp_path / "cache", channels=1, progress=False)
+    assert "test: 3 classes x 6 images (16x16, grayscale)" in caplog.text  # not "1 channels"
     capped = load_image_folder(root, 16, tmp_path / "cache", images_per_class=4, progress=False)
     assert [capped[s].images.shape[1] for s in SPLITS] == [4, 4, 4]
     assert capped.cache_path != data.cache_path  # each setting its own cache

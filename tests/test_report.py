@@ -146,7 +146,8 @@ def test_a_run_that_did_not_finish_is_a_note_not_an_error(runs, tmp_path):
     done = metarun("report", str(mixed), "--no-plots", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"note: {mixed / 'stopped'}: no results.json" in done.stdout
-    assert (mixed / "report" / "report.md").is_file()
+    # a folder of runs (as outputs/runs) gets no report folder among its runs: ./report instead
+    assert (tmp_path / "report" / "report.md").is_file() and not (mixed / "report").exists()
 
 
 def test_diverged_tasks_get_their_count_and_the_mean_without_them(runs, tmp_path):

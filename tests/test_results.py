@@ -165,7 +165,7 @@ def test_evaluation_takes_the_runs_batching_and_shows_its_progress(algorithm, ca
         calls = []
         curve = run.algorithm.curve
 
-        def spy(*args, **kwargs):
+        def spy(*args, calls=calls, curve=curve, **kwargs):
             calls.append(args[-1] if len(args) > 6 else kwargs.get("batching"))
             return curve(*args, **kwargs)
 
@@ -175,3 +175,12 @@ def test_evaluation_takes_the_runs_batching_and_shows_its_progress(algorithm, ca
     torch.testing.assert_close(curves["loop"].metric, curves["vmap"].metric, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(curves["loop"].loss, curves["vmap"].loss, rtol=1e-10, atol=1e-12)
     assert "test (10-shot)" in capsys.readouterr().err  # tqdm's bar, on stderr
+
+
+def test_accuracy_is_printed_in_percent_as_the_report_gives_it():
+    steps = ("after_0_steps", "after_1_steps")
+    results = {"task": "omniglot", "metric": "accuracy", "test_tasks": 600, "headline": "1-shot",
+               "divergence_ratio": 10.0, "results": {"1-shot": dict(zip(steps, [cell(0.2, 0.0123), cell(0.95, 0.0071)]))}}
+    lines = results_table(results).splitlines()
+    assert lines[0] == "omniglot test accuracy % (600 tasks, mean +- 95% CI)"
+    assert "20.0000 +- 1.2300" in lines[2] and "95.0000 +- 0.7100" in lines[2]

@@ -436,7 +436,10 @@ def load_image_folder(root: Path | str, image_size: int, cache_dir: Path | str |
     for split in SPLITS:
         part = splits[split]
         total = sum(part.available)
-        log.info("image_folder %s: %d classes x %d images (%dx%d, %d channels); %d of its %d image files left out "
-                 "to give every class the same count", split, len(part.classes), plan.kept[split], image_size,
-                 image_size, channels, total - part.images.shape[0] * part.images.shape[1], total)
+        left = total - part.images.shape[0] * part.images.shape[1]
+        kind = "grayscale" if channels == 1 else f"{channels} channels"
+        log.info("image_folder %s: %d classes x %d images (%dx%d, %s)%s", split, len(part.classes), plan.kept[split],
+                 image_size, image_size, kind,
+                 f"; {left:,} of its {total:,} image files left out to give every class the same count" if left
+                 else f"; all its {total:,} image files")
     return ImageFolderData(**splits, cache_path=cache_path)

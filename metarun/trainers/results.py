@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -173,20 +174,41 @@ def _diverged_mark(cell: dict) -> str:
     return f" [{n} div]" if n and cell.get("mean_without_diverged") is not None else ""
 
 
-def cell_text(cell: dict, mark_width: int = 0) -> str:
+def cell_text(cell: dict, mark_width: int = 0, factor: float = 1.0) -> str:
     """``mean +- ci95`` in a fixed width, the mean right-aligned at the ``+-``. Where some tasks
     diverged, the mean and interval over the others, marked ``[n div]`` (the mean of all tasks, which
     one diverged task can make 1e20, is in the table's notes and in results.json); ``mark_width``
-    pads every cell of a table to the same width."""
+    pads every cell of a table to the same width; ``factor`` scales the numbers (100: percent)."""
     mark = _diverged_mark(cell)
+
+    def scaled(value):
+        return number(value * factor)
+
     if mark:
-        text = f"{number(cell['mean_without_diverged']):>10} +- {number(cell['ci95_without_diverged']):<10}"
+        text = f"{scaled(cell['mean_without_diverged']):>10} +- {scaled(cell['ci95_without_diverged']):<10}"
     elif cell["mean"] is None:
         n = cell["nonfinite_tasks"]
         text = f"{f'non-finite on {n} task' + 's' * (n != 1):>{CELL_WIDTH}}"
     else:
-        text = f"{number(cell['mean']):>10} +- {number(cell['ci95']):<10}"
+        text = f"{scaled(cell['mean']):>10} +- {scaled(cell['ci95']):<10}"
     return text + f"{mark:<{mark_width}}"
+
+
+def print_results(results: dict) -> None:
+    """Print :func:`results_table` in one write; a sweep job's table is headed by the job's number and
+    overrides, so that jobs run side by side (hydra/launcher=parallel) print tables one can tell apart."""
+    text = results_table(results)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            text = f"== sweep job {hydra_cfg.job.num}: {hydra_cfg.job.override_dirname or '(no overrides)'}\n{text}"
+    except ValueError:  # not inside a Hydra job (a test, metarun.load)
+        pass
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def results_table(results: dict) -> str:
@@ -199,21 +221,23 @@ def results_table(results: dict) -> str:
     marked = headline if len(groups) > 1 and headline in groups else None
     width = max(len(g) for g in groups) + 2
     mark_width = max(len(_diverged_mark(c)) for row in groups.values() for c in row.values())
-    head = f"{results['task']} test {results['metric']} ({results['test_tasks']} tasks, mean +- 95% CI)"
+    # accuracy in percent, as metarun report and the docs give it
+    factor, unit = (100.0, " %") if results["metric"] == "accuracy" else (1.0, "")
+    head = f"{results['task']} test {results['metric']}{unit} ({results['test_tasks']} tasks, mean +- 95% CI)"
     lines = [head, (" " * width + "  ".join(f"{n:^{CELL_WIDTH + mark_width}}" for n in names)).rstrip()]
     notes = [f"* {marked}: the K the model was trained with (the headline and the sweep objective)"] if marked else []
     for group, row in groups.items():
         label = group + ("*" if group == marked else "")
-        lines.append((f"{label:<{width}}" + "  ".join(cell_text(c, mark_width) for c in row.values())).rstrip())
+        lines.append((f"{label:<{width}}" + "  ".join(cell_text(c, mark_width, factor) for c in row.values())).rstrip())
         for name, cell in zip(names, row.values()):
             if not _diverged_mark(cell):
                 continue
-            everything = (f"{number(cell['mean'])} +- {number(cell['ci95'])}" if cell["mean"] is not None
+            everything = (f"{number(cell['mean'] * factor)} +- {number(cell['ci95'] * factor)}" if cell["mean"] is not None
                           else f"not finite ({cell['nonfinite_tasks']} tasks)")
             notes.append(f"[{cell['diverged_tasks']} div] {group} after {name}: {cell['diverged_tasks']} of "
                          f"{results['test_tasks']} tasks diverged and are left out of the cell; over all "
                          f"{results['test_tasks']}: {everything}"
-                         + (f" (median {number(cell['median'])})" if cell["median"] is not None else ""))
+                         + (f" (median {number(cell['median'] * factor)})" if cell["median"] is not None else ""))
     if mark_width:
         notes.append(f"(diverged: the task's query loss ended above {results['divergence_ratio']:g}x its value "
                      "before adapting, or was not finite; trainer.divergence_ratio)")

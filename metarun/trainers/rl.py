@@ -27,8 +27,8 @@ from metarun.algorithms.maml_trpo import MAMLTRPO, check_finite
 from metarun.meta import policy_gradient as pg
 from metarun.trainers.loop import train_loop
 from metarun.trainers.results import (
+    print_results,
     reset_peak_memory,
-    results_table,
     summarize,
     training_summary,
     write_results,
@@ -218,5 +218,5 @@ def run_rl(cfg: DictConfig, run_dir: Path, state: dict | None = None, eval_only:
         for key, value in results["results"]["return"].items():
             if value["mean"] is not None:
                 writer.add_scalar(f"test/return_{key}", value["mean"], run.iteration)
-    print(results_table(results))
+    print_results(results)
     return results

@@ -31,8 +31,8 @@ from metarun.trainers.graphed import GraphedMetaStep
 from metarun.trainers.loop import train_loop
 from metarun.trainers.results import (
     diverged_tasks,
+    print_results,
     reset_peak_memory,
-    results_table,
     summarize,
     training_summary,
     write_results,
@@ -408,6 +408,6 @@ def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, ev
     results = evaluate(run)
     if distributed.is_main():
         path = write_results(run.run_dir, results, run.cfg)
-        print(results_table(results))
+        print_results(results)
         log.info("results written to %s", path)
     return results

@@ -90,3 +90,19 @@ def write_provenance(cfg: DictConfig, run_dir: Path, extra: dict | None = None) 
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     info = {"versions": versions(), "seed": int(cfg.seed), "argv": sys.argv, **(extra or {})}
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def record_sitting(run_dir: Path, kind: str, argv: list[str], extra: dict | None = None) -> None:
+    """Append a later sitting of a run (``resume`` or ``evaluate``) to run_info.json's ``sittings``:
+    its command line, when, and the versions it ran with, so the folder tells how each part was made
+    (the first sitting's command stays at the top)."""
+    from datetime import datetime
+
+    path = run_dir / "run_info.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    info.setdefault("sittings", []).append({"kind": kind, "argv": list(argv), "started": datetime.now().isoformat(
+        timespec="seconds"), "versions": versions(), **(extra or {})})
+    from metarun.utils.checkpoint import atomic_file
+
+    with atomic_file(path) as f:
+        f.write((json.dumps(info, indent=2) + "\n").encode())
