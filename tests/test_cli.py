@@ -417,6 +417,7 @@ def test_an_interrupt_without_a_message_names_sigint(monkeypatch, capsys):
 
     monkeypatch.setattr(cli_module, "hydra_main", interrupted)
     monkeypatch.setattr(sys, "argv", ["metarun", "debug=smoke"])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # main() sets it to 1: restored after the test, as before it
     with pytest.raises(SystemExit) as stop:
         cli_module.main()
     assert stop.value.code == 130

@@ -36,7 +36,7 @@ def test_two_iteration_meta_training(cli, task):
 
 @pytest.mark.smoke
 def test_unknown_environment_is_one_line(cli):
-    assert_one_line_error(cli("task=pong"), "task/pong", "navigation2d", "halfcheetah_dir")
+    assert_one_line_error(cli("task=pong"), "task=pong: no such task", "navigation2d", "halfcheetah_dir")
     assert_one_line_error(cli("task=halfcheetah_dir", "task.name=pong", *TINY), "pong", "ant_dir")
 
 
