@@ -66,6 +66,9 @@ def test_preempted_sweep_jobs_are_requeued_resume_and_end_as_an_uninterrupted_sw
         if job.poll() is None:
             job.kill()
     assert job.returncode == 0, stderr[-3000:]
+    # submitit's own job folders stay (its logs); the empty one named by its pattern (.submitit/%j) does not
+    assert (interrupted / ".submitit").is_dir() and not [
+        d for d in (interrupted / ".submitit").iterdir() if d.is_dir() and not any(d.iterdir())]
     for folder in sorted(interrupted.glob("*seed=*")):
         log = (folder / "metarun.log").read_text()
         assert "SIGUSR2 received: saved" in log and "handing the signal on" in log, folder

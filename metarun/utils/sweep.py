@@ -96,6 +96,10 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        # submitit makes its folder pattern itself (.submitit/%j) before it knows a job id: left empty
+        for empty in (sweep_dir / ".submitit").glob("*"):
+            if empty.is_dir() and not any(empty.iterdir()):
+                empty.rmdir()
         rows = sweep_rows(sweep_dir) if sweep_dir.is_dir() else []
         if rows:
             path = sweep_dir / "summary.csv"
