@@ -462,15 +462,13 @@ def _one_line(exc: BaseException) -> str:
 def _plainer(text: str) -> str:
     """Hydra's and OmegaConf's wording made plainer where a new user meets it: a group choice with a
     typo gets the nearest option, a value of the wrong type says which type the key takes."""
-    import difflib
-
     choice = re.search(r"Could not find '(?P<group>[\w/]+)/(?P<name>[^']+)' available options in '[^']+': (?P<options>.*)",
                        text)
     if choice:
-        near = difflib.get_close_matches(choice["name"], choice["options"].split(), n=1, cutoff=0.6)
+        near = nearest_key(choice["name"], choice["options"].split())  # (the config keys' own typo matcher)
         group = choice["group"]
         return (f"{group}={choice['name']}: no such {group}; the options are {choice['options']}"
-                + (f" (did you mean {group}={near[0]}?)" if near else ""))
+                + (f" (did you mean {group}={near}?)" if near else ""))
     wrong = re.search(r"Error merging override (?P<override>\S+) Value '(?P<value>[^']*)' of type '\w+' could not be "
                       r"converted to (?P<type>\w+) full_key: (?P<key>\S+)", text)
     if wrong:
