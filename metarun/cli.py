@@ -42,6 +42,7 @@ from metarun.config import (
     validate,
 )
 from metarun.trainers import TRAINERS
+from metarun.trainers.loop import Interrupted, phase
 from metarun.utils import checkpoint, sweep
 from metarun.utils.errors import ConfigError, MetarunError
 from metarun.utils.runtime import record_sitting, write_provenance
@@ -305,11 +306,17 @@ def hydra_main(cfg: DictConfig) -> float:
     # under torchrun: every rank has made the run folder (Hydra does, first) before rank 0 may
     # remove it again after bad input, so no rank leaves an empty one behind
     distributed.all_gather_object(None, "set-up")
+    recover = (f"metarun resume={cfg.resume} continues from its last checkpoint" if cfg.resume else
+               f"metarun evaluate={cfg.evaluate} tests it again" if cfg.evaluate else
+               "nothing was trained yet: run the command again")
     try:
-        return run(cfg)
+        with phase("set-up", recover):  # (the trainers name their own phases: training, the final test)
+            return run(cfg)
     except BaseException as exc:
         kept = (cfg.resume or cfg.evaluate or not distributed.is_main()
                 or not _remove_if_not_started(Path(HydraConfig.get().runtime.output_dir)))
+        if isinstance(exc, Interrupted) and kept:
+            _log_to_files(f"metarun: {exc}")  # the run folder's log records why it stopped
         if not isinstance(exc, Exception) or not _is_user_error(exc):
             raise
         if kept:
@@ -601,7 +608,9 @@ def main() -> None:
             print(f"metarun: error{where}: {_unknown_key_line(exc, args) or _one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as exc:
-        if distributed.is_main():
+        if distributed.is_main() and isinstance(exc, Interrupted):  # outside training: it names the phase
+            print(f"metarun: {exc}", file=sys.stderr)
+        elif distributed.is_main():
             print(f"metarun: interrupted ({str(exc) or 'SIGINT'}); the last checkpoint is in the run folder",
                   file=sys.stderr)
         sys.exit(130)

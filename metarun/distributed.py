@@ -36,7 +36,13 @@ DEFAULT_TIMEOUT_S = 600
 
 
 class DistributedError(MetarunError):
-    """Another rank stopped answering (it died, or hangs past the collective timeout)."""
+    """Another rank stopped answering (it died, or hangs past the collective timeout) during
+    ``what``; ``phase`` is set once the run's phase has named it (``trainers.loop.phase``)."""
+
+    def __init__(self, what: str, cause: str, recover: str, phase: str | None = None) -> None:
+        self.what, self.cause, self.phase = what, cause, phase
+        where = f"{what} ({cause})" if phase is None or phase == what else f"{phase} ({what}: {cause})"
+        super().__init__(f"rank {rank()} of {world_size()} lost the other ranks during {where}; the job stops. {recover}")
 
 
 def launched() -> bool:
@@ -104,10 +110,8 @@ def _guard(what: str, fn: Callable[[], T]) -> T:
     except (RuntimeError, dist.DistBackendError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         cause = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0]  # gloo's "[source:line] Read error ...: reset by peer"
-        raise DistributedError(
-            f"rank {rank()} of {world_size()} lost the other ranks during {what} ({cause[:120]}); "
-            "the job stops. Resume it from the run folder's last checkpoint (metarun resume=<run folder>, "
-            "with torchrun or without)") from exc
+        raise DistributedError(what, cause[:120], "Resume it from the run folder's last checkpoint (metarun "
+                               "resume=<run folder>, with torchrun or without)") from exc
 
 
 def broadcast_object(value: T, what: str = "set-up") -> T:

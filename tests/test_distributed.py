@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,13 +122,21 @@ def test_two_rank_run_owns_one_folder_evaluates_as_one_process_and_resumes_on_on
     assert "written by 2 process(es), this run has 1" in (run_dir / "metarun.log").read_text()
 
 
-def test_a_killed_rank_ends_the_job_with_one_line_and_the_run_resumes(tmp_path, cli):
-    job = torchrun([*SMOKE, "trainer.iterations=1000000", "trainer.checkpoint_interval=20", "trainer.val_interval=1000000"],
-                   tmp_path, background=True)
+@pytest.mark.parametrize("phase", ["training", "the final test"])
+def test_a_killed_rank_ends_the_job_with_one_line_naming_the_phase_and_the_run_carries_on(tmp_path, cli, phase):
+    """kill -9 of rank 1: in training the other rank notices at its next collective; in the final
+    test (outside the training loop, no collective until the end) torchrun's SIGTERM used to end
+    rank 0 silently. Either way: one line naming the phase and what to run next, also in the log."""
+    if phase == "training":
+        args = ["trainer.iterations=1000000", "trainer.checkpoint_interval=20", "trainer.val_interval=1000000"]
+    else:  # a test long enough to be killed in
+        args = ["trainer.test_tasks=1000000"]
+    job = torchrun([*SMOKE, *args], tmp_path, background=True)
     try:
         deadline = time.monotonic() + 120
-        while not list(tmp_path.glob("outputs/runs/*/checkpoints/last.pt")):
-            assert job.poll() is None and time.monotonic() < deadline, "the job ended or never checkpointed"
+        while not (list(tmp_path.glob("outputs/runs/*/checkpoints/last.pt")) if phase == "training" else
+                   any("testing on" in log.read_text() for log in tmp_path.glob("outputs/runs/*/metarun.log"))):
+            assert job.poll() is None and time.monotonic() < deadline, f"the job ended or never reached {phase}"
             time.sleep(0.2)
         victim = next(pid for pid in child_pids(job.pid) if environ(pid).get("RANK") == "1")
         os.kill(victim, signal.SIGKILL)
@@ -140,11 +149,22 @@ def test_a_killed_rank_ends_the_job_with_one_line_and_the_run_resumes(tmp_path, 
     assert job.returncode != 0
     lines = metarun_lines(stderr)
     assert len(lines) == 1, stderr[-3000:]
-    assert "lost the other ranks" in lines[0] and "resume" in lines[0]
     run_dir = only_run(tmp_path)
-    resumed = cli(f"resume={run_dir}", "trainer.iterations=40")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert checkpoint.load(run_dir)["iteration"] == 40
+    def message(line: str) -> str:  # (the console's line names the rank; the log is rank 0's)
+        return re.sub(r"^.*?metarun: (error( \(rank \d\))?: )?", "", line)
+
+    assert message((run_dir / "metarun.log").read_text().splitlines()[-1]) == message(lines[0])  # the log says why
+    if phase == "training":
+        assert "lost the other ranks during training" in lines[0] and f"metarun resume={run_dir}" in lines[0], lines
+        resumed = cli(f"resume={run_dir}", "trainer.iterations=40")
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert checkpoint.load(run_dir)["iteration"] == 40
+    else:  # torchrun's SIGTERM, or the lost rank if rank 0 reached the test's collective first
+        assert "during the final test" in lines[0] and f"metarun evaluate={run_dir} tests it again" in lines[0], lines
+        assert not (run_dir / "results.json").exists()
+        again = cli(f"evaluate={run_dir}", "trainer.test_tasks=20")
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert json.loads((run_dir / "results.json").read_text())["test_tasks"] == 20
 
 
 def child_pids(pid: int) -> list[int]:

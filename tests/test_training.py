@@ -171,15 +171,86 @@ def test_auto_batching_takes_the_loop_for_one_task_per_step(overrides, expected)
     assert run.batching == expected
 
 
-def test_cpu_threads_default_to_every_core_and_follow_the_config():
+def test_cpu_threads_default_to_the_cores_other_work_leaves_free_and_follow_the_config(monkeypatch):
+    """On a machine where another process keeps a core busy, torch's threads on every core spun
+    against it (docs/speed.md: 3.7x slower on 2 cores): the default takes the idle cores only."""
+    from metarun.utils import runtime
+
     before = torch.get_num_threads()
+    busy = [0.0]
+    monkeypatch.setattr(runtime.CoreWatch, "others", lambda self: busy[0])
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 4)
     try:
         sup.setup(small_cfg(), run_dir=None)
-        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
-        sup.setup(small_cfg("trainer.num_threads=1"), run_dir=None)
-        assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 4  # an idle machine: every core
+        busy[0] = 1.2
+        sup.setup(small_cfg(), run_dir=None)
+        assert torch.get_num_threads() == 3
+        busy[0] = 7.0
+        assert runtime.set_threads(None) == 1
+        sup.setup(small_cfg("trainer.num_threads=2"), run_dir=None)
+        assert torch.get_num_threads() == 2  # given: as given
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert runtime.set_threads(None) == 2  # torchrun's ranks on this machine share it out, unmeasured
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_core_watch_counts_other_processes_work_not_its_own(tmp_path, monkeypatch):
+    from metarun.utils import runtime
+
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(runtime.CoreWatch, "STAT", stat)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    hz = os.sysconf("SC_CLK_TCK")
+    clock, own = [100.0], [5.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(runtime.time, "process_time", lambda: own[0])
+
+    def write(busy0: int, busy1: int) -> None:  # user nice system idle iowait irq softirq steal (ticks)
+        stat.write_text(f"cpu  0 0 0 0 0 0 0 0 0 0\ncpu0 {busy0} 0 0 777 5 0 0 0 0 0\n"
+                        f"cpu1 {busy1 - 2} 0 2 555 9 0 0 0 0 0\ncpu2 999999 0 0 0 0 0 0 0 0 0\nintr 1 2 3\n")
+
+    write(10 * hz, 20 * hz)
+    watch = runtime.CoreWatch()
+    write(11 * hz + hz // 2, 21 * hz + hz // 2)  # 3 core-seconds of busy time over 2 s on cores 0 and 1 ...
+    clock[0], own[0] = 102.0, 6.0  # ... 1 of them this process's
+    assert watch.others() == pytest.approx(1.0, abs=0.02)  # cpu2 is not this process's
+    assert not watch.due(30)
+    clock[0] = 140.0
+    assert watch.due(30)
+
+
+class _FixedWatch:
+    def __init__(self, busy: float) -> None:
+        self.busy = busy
+
+    def others(self) -> float:
+        return self.busy
+
+
+def test_oversubscription_warns_only_past_the_free_cores(monkeypatch):
+    from metarun.utils import runtime
+
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 4)
+    monkeypatch.setattr(runtime, "_WARNED", [])
+    assert runtime.oversubscribed(3, _FixedWatch(1.2)) is None  # 3 threads + 1.2 busy on 4 cores: fits
+    assert runtime.oversubscribed(1, _FixedWatch(3.9)) is None  # one thread cannot spin against anything
+    line = runtime.oversubscribed(4, _FixedWatch(1.2))
+    assert "about 1.2 of this process's 4 cores busy while torch runs 4 threads" in line
+    assert "give trainer.num_threads=3" in line
+    assert runtime.oversubscribed(4, _FixedWatch(1.2)) is None  # once per process
+
+
+def test_the_core_watch_reads_this_machine():
+    import time as time_module
+
+    from metarun.utils import runtime
+
+    watch = runtime.CoreWatch()
+    time_module.sleep(0.1)
+    busy = watch.others()
+    assert busy is not None and 0.0 <= busy <= runtime.usable_cores() + 0.5
 
 
 def test_mean_ci():
@@ -242,3 +313,53 @@ def test_tensorboard_logs_the_training_rate_without_a_progress_bar(tmp_path):
     assert len(rates) == 2 and all(r > 0 for r in rates)
     # 8 iterations in train_seconds: the harmonic mean of the two equal-length intervals' rates
     assert 2 / sum(1 / r for r in rates) == pytest.approx(8 / train_seconds, rel=0.05)
+
+
+def test_a_stop_signal_outside_training_names_the_phase_and_how_to_carry_on():
+    """Outside the training loop (set-up, the final test) a SIGTERM had its default action: the
+    process vanished with no line in the log. A phase turns it into one that says where and what next."""
+    import signal
+
+    from metarun.trainers.loop import Interrupted, phase
+
+    with pytest.raises(Interrupted) as stopped:
+        with phase("the final test", "metarun evaluate=RUN tests it again"):
+            signal.raise_signal(signal.SIGTERM)
+    assert str(stopped.value) == "stopped by SIGTERM during the final test; metarun evaluate=RUN tests it again"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+def test_a_phase_hands_sigusr2_on_to_a_schedulers_handler():
+    """submitit's SIGUSR2 handler requeues the job: outside training it gets the signal at once,
+    through any number of phases (training's own handler finds it the same way after its checkpoint)."""
+    import signal
+
+    from metarun.trainers.loop import phase, schedulers_handler
+
+    got = []
+
+    def scheduler(signum, frame):
+        got.append(signum)
+
+    before = signal.signal(signal.SIGUSR2, scheduler)
+    try:
+        with phase("set-up", "run it again"), phase("the final test", "evaluate it"):
+            assert schedulers_handler({signal.SIGUSR2: signal.getsignal(signal.SIGUSR2)}, signal.SIGUSR2) is scheduler
+            signal.raise_signal(signal.SIGUSR2)
+        assert got == [signal.SIGUSR2]
+        assert signal.getsignal(signal.SIGUSR2) is scheduler
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
+def test_a_lost_rank_is_named_by_the_innermost_phase_with_its_way_to_carry_on(monkeypatch):
+    from metarun import distributed
+    from metarun.distributed import DistributedError
+    from metarun.trainers.loop import phase
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(DistributedError) as lost:
+        with phase("set-up", "run the command again"), phase("the final test", "metarun evaluate=RUN tests it again"):
+            raise DistributedError("test (1-shot)", "Connection reset by peer", "resume it")
+    assert str(lost.value) == ("rank 0 of 2 lost the other ranks during the final test (test (1-shot): Connection "
+                               "reset by peer); the job stops. metarun evaluate=RUN tests it again")

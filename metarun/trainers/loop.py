@@ -27,9 +27,13 @@ from metarun.distributed import DistributedError
 from metarun.trainers.results import flat_config
 from metarun.utils import checkpoint
 from metarun.utils.errors import DivergedError, MetarunError
+from metarun.utils.runtime import CoreWatch, oversubscribed
 
 log = logging.getLogger(__name__)
 
+
+WATCH_SECONDS = 30.0
+"""How often (at a log iteration) training looks whether other work crowds its CPU threads."""
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR2") if hasattr(signal, name))
 """Ctrl-C, a kill, and the signal a scheduler sends before preempting a job or at its time limit
@@ -56,15 +60,68 @@ class StopRequest:
         there was one (submitit's: it requeues the job, whose next attempt resumes from the
         checkpoint, and exits)."""
         usr2 = getattr(signal, "SIGUSR2", None)
-        if self.requested == "SIGUSR2" and callable(self.previous.get(usr2)):
+        scheduler = schedulers_handler(self.previous, usr2)
+        if self.requested == "SIGUSR2" and scheduler is not None:
             log.info("SIGUSR2: checkpoint written; handing the signal on to the scheduler's handler (requeue)")
-            signal.signal(usr2, self.previous[usr2])
+            signal.signal(usr2, scheduler)
             signal.raise_signal(usr2)
 
     def __call__(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal outside the training loop (set-up, the final test), where no checkpoint can be
+    written: its text names the signal, the phase, and how to carry on."""
+
+
+class PhaseStop:
+    """The stop-signal handler of a phase outside the training loop (:func:`phase`)."""
+
+    def __init__(self, name: str, recover: str) -> None:
+        self.name, self.recover = name, recover
+        self.previous: dict[int, object] = {}
+
+    def __call__(self, signum, frame) -> None:
+        scheduler = schedulers_handler(self.previous, signum)
+        if signum == getattr(signal, "SIGUSR2", None) and scheduler is not None:
+            scheduler(signum, frame)  # submitit's: it requeues the job, which starts this phase again
+            return
+        name = signal.Signals(signum).name
+        why = " (under torchrun: another rank failed; torchrun's report names it)" if name == "SIGTERM" and distributed.world_size() > 1 else ""
+        raise Interrupted(f"stopped by {name} during {self.name}{why}; {self.recover}")
+
+
+def schedulers_handler(previous: dict, signum) -> Callable | None:
+    """The handler a scheduler (submitit) installed for ``signum`` before metarun's own, if any."""
+    handler = previous.get(signum)
+    while isinstance(handler, PhaseStop):
+        handler = handler.previous.get(signum)
+    return handler if callable(handler) else None
+
+
+@contextmanager
+def phase(name: str, recover: str):
+    """Name a phase of a run (set-up, training, the final test) and how to carry on after it
+    stopped: a stop signal outside the training loop (which stops at a checkpoint instead), or
+    under torchrun another rank lost, ends the run with one line that says both."""
+    handler = PhaseStop(name, recover)
+    for sig in STOP_SIGNALS:
+        try:
+            handler.previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. some launchers): no handler, no harm
+            pass
+    try:
+        yield
+    except DistributedError as exc:
+        if exc.phase is not None:  # an inner phase named it already
+            raise
+        raise DistributedError(exc.what, exc.cause, recover, phase=name) from exc
+    finally:
+        for sig, old in handler.previous.items():
+            signal.signal(sig, old)
 
 
 @contextmanager
@@ -196,6 +253,7 @@ def train_loop(run, step: Step, save: Callable[[], Path],
         run.sittings[-1].update(to_iteration=run.iteration, train_seconds=seconds,
                                 ms_per_iteration=seconds / done * 1e3 if done else None)
     logged = (run.iteration, run.train_seconds)  # the last log's iteration and training seconds
+    watch = CoreWatch() if run.device.type == "cpu" else None  # other work crowding the cores: warned once
     bar = tqdm(total=tr.iterations, initial=run.iteration, disable=not tr.progress or not distributed.is_main(),
                desc="meta-train",
                dynamic_ncols=True, mininterval=0.5)
@@ -237,6 +295,11 @@ def train_loop(run, step: Step, save: Callable[[], Path],
                     bar.set_postfix({short: f"{means[key]:.4g}" for short, key in (postfix or {}).items()})
                     if log_lines:
                         log.info("iteration %d %s", at, " ".join(f"{k}={v:.4g}" for k, v in means.items()))
+                    if watch is not None and watch.due(WATCH_SECONDS):
+                        crowded = oversubscribed(torch.get_num_threads(), watch)
+                        if crowded:
+                            log.warning("%s", crowded)
+                            watch = None
             if do_validate or do_save:
                 with clock.paused():  # validation and checkpoints do not count as training time
                     run.train_seconds = clock.seconds

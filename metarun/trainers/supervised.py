@@ -28,7 +28,7 @@ from metarun.algorithms import Algorithm, build
 from metarun.meta import refuse_torch_batch_norm, resolve_batching
 from metarun.models.norm import BatchStatNorm
 from metarun.trainers.graphed import GraphedMetaStep
-from metarun.trainers.loop import train_loop
+from metarun.trainers.loop import phase, train_loop
 from metarun.trainers.results import (
     diverged_tasks,
     print_results,
@@ -40,7 +40,7 @@ from metarun.trainers.results import (
 from metarun.types import Curve, TaskBatch
 from metarun.utils import checkpoint
 from metarun.utils.errors import CheckpointError, ConfigError
-from metarun.utils.runtime import resolve_device, seed_everything, set_threads
+from metarun.utils.runtime import CoreWatch, oversubscribed, resolve_device, seed_everything, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def setup(cfg: DictConfig, run_dir: Path, batching: str | None = None) -> Run:
     device = resolve_device(distributed.device_for(cfg.device))
     dtype = getattr(torch, cfg.dtype)
     threads = set_threads(cfg.trainer.num_threads)
+    watch = CoreWatch()  # (whether other work crowds the threads, over the set-up and its batching probe)
     seed_everything(cfg.seed)
     task = instantiate(cfg.task, device=device, dtype=dtype)
     # sizes that follow from the task (e.g. out_features = ways) are passed in, not configured
@@ -107,6 +108,9 @@ def setup(cfg: DictConfig, run_dir: Path, batching: str | None = None) -> Run:
     run.batching = distributed.broadcast_object(
         batching or resolve_batching(cfg.algorithm.batching, device, model, run.tasks_per_rank)
         or measure_batching(run), "choosing the batching")
+    crowded = oversubscribed(threads, watch) if device.type == "cpu" else None
+    if crowded:  # (the probe's timings, and so its choice, are unreliable then too)
+        log.warning("%s", crowded)
     log.info("device=%s batching=%s (%s requested) parameters=%d cpu_threads=%d", device, run.batching,
              cfg.algorithm.batching, sum(p.numel() for p in model.parameters()), threads)
     if distributed.world_size() > 1:
@@ -396,18 +400,22 @@ def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, ev
             if len(saved.get(field_name, [])) > len(kept):
                 setattr(run, field_name, list(saved[field_name]))
     else:
-        train(run)
+        with phase("training", f"metarun resume={run_dir} continues from its last checkpoint"):
+            train(run)
+    with phase("the evaluation" if eval_only else "the final test",
+               f"{'' if eval_only else 'training is complete: '}metarun evaluate={run_dir} tests it again"):
         best = run.run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.BEST
-        if cfg.trainer.evaluate_best and best.is_file():
+        if not eval_only and cfg.trainer.evaluate_best and best.is_file():
             best_state = checkpoint.load(best)
             run.model.load_state_dict(best_state["model"])
             run.algorithm.load_state_dict(best_state.get("algorithm", {}))
             run.iteration, run.train_seconds = best_state["iteration"], best_state.get("train_seconds")
             run.sittings = best_state.get("sittings", [])
             log.info("evaluating the best validation checkpoint (iteration %d)", run.iteration)
-    results = evaluate(run)
-    if distributed.is_main():
-        path = write_results(run.run_dir, results, run.cfg)
-        print_results(results)
-        log.info("results written to %s", path)
+        log.info("testing on %d tasks (trainer.test_tasks, seed %d)", cfg.trainer.test_tasks, cfg.trainer.test_seed)
+        results = evaluate(run)
+        if distributed.is_main():
+            path = write_results(run.run_dir, results, run.cfg)
+            print_results(results)
+            log.info("results written to %s", path)
     return results

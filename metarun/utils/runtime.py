@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -27,14 +31,83 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a SLURM allocation, ``taskset``)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class CoreWatch:
+    """How many of this process's cores other work keeps busy: from ``/proc/stat``'s busy time of
+    those cores minus this process's own CPU time, over the time between two readings. None where
+    ``/proc/stat`` cannot be read (not Linux)."""
+
+    STAT = Path("/proc/stat")
+
+    def __init__(self) -> None:
+        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.last = self._read()
+
+    def _read(self) -> tuple[float, float, float] | None:
+        try:
+            lines = self.STAT.read_text().splitlines()
+        except OSError:
+            return None
+        busy, wanted = 0, {f"cpu{c}" for c in self.cpus}
+        for line in lines:
+            fields = line.split()
+            if fields and fields[0] in wanted:
+                ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+                busy += sum(ticks) - ticks[3] - ticks[4]
+        return busy / os.sysconf("SC_CLK_TCK"), time.process_time(), time.monotonic()
+
+    def due(self, seconds: float) -> bool:
+        """Whether ``seconds`` have passed since the last reading (never, where there is none)."""
+        return self.last is not None and time.monotonic() - self.last[2] >= seconds
+
+    def others(self) -> float | None:
+        """Cores' worth of other processes' work since the last call (or since this watch began)."""
+        now, before = self._read(), self.last
+        if now is None or before is None or now[2] - before[2] < 0.05:
+            return None
+        self.last = now
+        return max(0.0, (now[0] - before[0]) - (now[1] - before[1])) / (now[2] - before[2])
+
+
 def set_threads(requested: int | None) -> int:
-    """torch's CPU threads: ``requested``, or None for every core this process may use (fastest
-    for one run on a machine; use 1 per run when several runs share the cores), shared out among
-    the processes torchrun started on this machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = requested or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    torch.set_num_threads(threads)
-    return threads
+    """torch's CPU threads: ``requested``, or None for the cores this process may use that other
+    work is not keeping busy right now (measured over 0.1 s), shared out among the processes torchrun
+    started on this machine. Every core when the machine is idle; fewer beside another busy process,
+    where torch's threads would spin against it (docs/speed.md: 2 threads beside one busy process
+    ran a sinusoid step many times slower than 1)."""
+    cores, local_ranks = usable_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if requested is None and local_ranks > 1:  # torchrun's ranks on this machine: a share each (the
+        requested = max(1, cores // local_ranks)  # others' set-up would read as other work here)
+    if requested is None:
+        watch = CoreWatch()
+        time.sleep(0.1)
+        busy = watch.others() or 0.0
+        requested = max(1, cores - round(busy))
+        if requested < cores:
+            log.info("trainer.num_threads=%d: other work keeps about %.1f of this process's %d cores busy",
+                     requested, busy, cores)
+    torch.set_num_threads(requested)
+    return requested
+
+
+_WARNED: list[bool] = []  # (oversubscribed warns once per process)
+
+
+def oversubscribed(threads: int, watch: CoreWatch) -> str | None:
+    """A warning, once per process, when other work has kept more of the cores busy since ``watch``
+    last looked than ``threads`` torch threads leave free (they then spin against it); else None."""
+    busy = watch.others()
+    cores = usable_cores()
+    if _WARNED or busy is None or threads <= 1 or threads + busy <= cores + 0.5:
+        return None
+    _WARNED.append(True)
+    return (f"other work keeps about {busy:.1f} of this process's {cores} cores busy while torch runs {threads} threads, "
+            f"which then wait on each other and can run many times slower: give trainer.num_threads="
+            f"{max(1, cores - round(busy))} or stop the other work (docs/speed.md)")
 
 
 def seed_everything(seed: int) -> None:
