@@ -154,14 +154,14 @@ def average_dict(values: dict[str, Tensor], *extra: Tensor) -> tuple[dict[str, T
     return dict(zip(values, out[:len(values)])), out[len(values):]
 
 
-def any_rank(*flags: bool, what: str = "agreeing to stop") -> list[bool]:
-    """Each flag, true on every rank if it is true on any: a stop is agreed in the same iteration."""
+def max_over_ranks(*values: int, what: str = "agreeing to stop") -> list[int]:
+    """Each value's maximum over the ranks, on every rank: a stop is agreed in the same iteration."""
     if world_size() == 1:
-        return list(flags)
+        return list(values)
     device = torch.device("cuda", torch.cuda.current_device()) if backend() == "nccl" else torch.device("cpu")
-    box = torch.tensor([float(f) for f in flags], device=device)
+    box = torch.tensor(values, dtype=torch.float64, device=device)  # (exact for integers below 2**53)
     _guard(what, lambda: dist.all_reduce(box, op=dist.ReduceOp.MAX))
-    return [bool(v) for v in box.tolist()]
+    return [int(v) for v in box.tolist()]
 
 
 def check_meta_batch(meta_batch_size: int) -> int:

@@ -167,6 +167,50 @@ def test_a_killed_rank_ends_the_job_with_one_line_naming_the_phase_and_the_run_c
         assert json.loads((run_dir / "results.json").read_text())["test_tasks"] == 20
 
 
+def test_a_signal_to_one_rank_stops_every_rank_which_all_know_which_signal_and_rank(tmp_path):
+    """SIGUSR2 (a scheduler's) sent to rank 1 alone: every rank stops at the same iteration with a
+    checkpoint, and rank 0's log names the signal and the rank (it said "SIGTERM (on another rank)")."""
+    job = torchrun([*SMOKE, "trainer.iterations=1000000", "trainer.checkpoint_interval=1000000",
+                    "trainer.val_interval=1000000"], tmp_path, background=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any("parameters=" in log.read_text() for log in tmp_path.glob("outputs/runs/*/metarun.log")):
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended or never started training"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        os.kill(next(pid for pid in child_pids(job.pid) if environ(pid).get("RANK") == "1"), signal.SIGUSR2)
+        _, stderr = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert metarun_lines(stderr) == ["metarun: interrupted (SIGUSR2 (on rank 1)); the last checkpoint is in the run folder"]
+    run_dir = only_run(tmp_path)
+    assert "SIGUSR2 (on rank 1) received: saved" in (run_dir / "metarun.log").read_text()
+    assert checkpoint.load(run_dir)["iteration"] > 0
+
+
+def test_every_rank_agrees_on_the_signal_and_hands_a_schedulers_sigusr2_on(monkeypatch):
+    """Rank 0's side of a SIGUSR2 that reached rank 1 only (submitit's requeue is rank 0's to do)."""
+    from metarun.trainers import loop
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    sent = []
+    monkeypatch.setattr(distributed, "max_over_ranks", lambda *values, what="": sent.append(values) or [3 * 2 + 1, 0])
+    got = []
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: got.append(signum))
+    try:
+        with loop.stop_on_signals() as stop:
+            assert loop.agreed_stop(stop, out_of_time=False) is False
+            assert sent == [(0, 0)]  # nothing received here, in time
+            assert stop.now() == "SIGUSR2 (on rank 1)"
+            stop.hand_on()
+        assert got == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
 def child_pids(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]

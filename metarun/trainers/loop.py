@@ -61,7 +61,7 @@ class StopRequest:
         checkpoint, and exits)."""
         usr2 = getattr(signal, "SIGUSR2", None)
         scheduler = schedulers_handler(self.previous, usr2)
-        if self.requested == "SIGUSR2" and scheduler is not None:
+        if (self.now() or "").startswith("SIGUSR2") and scheduler is not None:  # (under torchrun: any rank's)
             log.info("SIGUSR2: checkpoint written; handing the signal on to the scheduler's handler (requeue)")
             signal.signal(usr2, scheduler)
             signal.raise_signal(usr2)
@@ -207,13 +207,19 @@ Step = Callable[[], tuple[Tensor, dict[str, Tensor]]]
 
 def agreed_stop(stop: StopRequest, out_of_time: bool) -> bool:
     """Under torchrun, a stop that any rank asks for (a signal, its clock) is every rank's stop, in
-    the same iteration, so no rank waits in a collective for one that left. Returns out_of_time."""
+    the same iteration, so no rank waits in a collective for one that left; every rank learns which
+    signal it was and which rank received it (the highest in STOP_SIGNALS' order: SIGUSR2, a
+    scheduler's, wins, so every rank hands it on). Returns out_of_time."""
     if distributed.world_size() == 1:
         return out_of_time
-    signalled, out_of_time = distributed.any_rank(stop.requested is not None, out_of_time)
-    if signalled:
-        stop.agreed = stop.requested or "SIGTERM (on another rank)"
-    return out_of_time
+    names, world = [s.name for s in STOP_SIGNALS], distributed.world_size()
+    mine = names.index(stop.requested) + 1 if stop.requested in names else 0
+    signal_and_rank, out_of_time = distributed.max_over_ranks(mine * world + distributed.rank() if mine else 0,
+                                                              int(out_of_time))
+    if signal_and_rank:
+        name, sender = names[signal_and_rank // world - 1], signal_and_rank % world
+        stop.agreed = name if sender == distributed.rank() else f"{name} (on rank {sender})"
+    return bool(out_of_time)
 
 
 def train_loop(run, step: Step, save: Callable[[], Path],
