@@ -230,6 +230,7 @@ def _earlier_attempt(cfg: DictConfig, run_dir: Path) -> float | dict | None:
     if same(state["config"]) != same(OmegaConf.to_container(cfg, resolve=True)):
         raise ConfigError(f"{run_dir} holds a checkpoint of another config than this job's; give the sweep another "
                           "folder (hydra.sweep.dir=...)")
+    (run_dir / sweep.INTERRUPTED_FILE).unlink(missing_ok=True)  # (its status until now)
     log.info("resuming this sweep job from its checkpoint of iteration %d in %s", state["iteration"], run_dir)
     return state
 
@@ -317,6 +318,8 @@ def hydra_main(cfg: DictConfig) -> float:
                 or not _remove_if_not_started(Path(HydraConfig.get().runtime.output_dir)))
         if isinstance(exc, Interrupted) and kept:
             _log_to_files(f"metarun: {exc}")  # the run folder's log records why it stopped
+        if isinstance(exc, KeyboardInterrupt) and _job_of_its_own():
+            return _job_interrupted(exc, Path(HydraConfig.get().runtime.output_dir), kept)
         if not isinstance(exc, Exception) or not _is_user_error(exc):
             raise
         if kept:
@@ -346,6 +349,27 @@ def _job_stopped(exc: Exception, run_dir: Path) -> float:
     with checkpoint.atomic_file(run_dir / sweep.ERROR_FILE) as f:
         f.write((line + "\n").encode())
     print(f"metarun: job {HydraConfig.get().job.num} stopped: {line}; the sweep goes on", file=sys.stderr)
+    return float("nan")
+
+
+def _job_of_its_own() -> bool:
+    """A sweep job in a process of its own that a launcher waits on (submitit's, locally or on
+    SLURM): a Ctrl-C or a kill stops that job, not the process that runs the sweep."""
+    return (HydraConfig.get().mode == RunMode.MULTIRUN
+            and "submitit" in str(HydraConfig.get().launcher.get("_target_", "")).lower())
+
+
+def _job_interrupted(exc: KeyboardInterrupt, run_dir: Path, kept: bool) -> float:
+    """A submitit job stopped by a signal (its checkpoint written, or stopped outside training):
+    one of the sweep's results, as a stopped job is, instead of a traceback that submitit hands
+    to the sweep as an error of its own. Its status goes to ``<job>/interrupted.txt``; the sweep
+    started again with its ``hydra.sweep.dir`` resumes the job from its checkpoint."""
+    line = (str(exc) if isinstance(exc, Interrupted) else f"{exc} received; checkpoint written" if str(exc) else
+            "stopped by a second SIGINT, without a checkpoint (the last one written is kept)")
+    if kept:
+        with checkpoint.atomic_file(run_dir / sweep.INTERRUPTED_FILE) as f:
+            f.write((line + "\n").encode())
+    print(f"metarun: job {HydraConfig.get().job.num} {line}", file=sys.stderr)
     return float("nan")
 
 
@@ -584,8 +608,11 @@ def main() -> None:
         _join_torchrun()
         hydra_main()
         if sweep.STOPPED_JOBS:
-            print(f"metarun: {sweep.STOPPED_JOBS[0]} of {sweep.STOPPED_JOBS[1]} sweep jobs did not finish (their status is "
-                  "in the summary above)", file=sys.stderr)
+            stopped, jobs, interrupted, sweep_dir = sweep.STOPPED_JOBS
+            again = (f"; the same command with hydra.sweep.dir={sweep_dir} resumes the {interrupted} interrupted one(s) "
+                     "from their checkpoints" if interrupted else "")
+            print(f"metarun: {stopped} of {jobs} sweep jobs did not finish (their status is in the summary above){again}",
+                  file=sys.stderr)
             sys.exit(1)
         distributed.finish()
     except (_UserError, Exception) as exc:

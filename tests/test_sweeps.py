@@ -28,8 +28,9 @@ def metarun(args: list[str], cwd: Path, background: bool = False, timeout: float
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     command = [sys.executable, "-m", "metarun", *args]
-    if background:
-        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if background:  # (in a process group of its own, as a terminal's foreground job, for Ctrl-C)
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -45,26 +46,39 @@ def job_pids(sweep_dir: Path) -> list[int]:
     return [int(p) for p in out if str(sweep_dir) in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
 
 
-def test_preempted_sweep_jobs_are_requeued_resume_and_end_as_an_uninterrupted_sweep(tmp_path):
-    """Each job of a submitit_local sweep is sent SIGUSR2 (what SLURM sends before preempting or at
-    the time limit) mid-training: it checkpoints, is requeued, resumes from its own folder, and the
-    sweep's summary.csv is the uninterrupted sweep's, bit for bit."""
-    sweep = ["-m", "hydra/launcher=local", "seed=0,1", *LONG]
-    interrupted = tmp_path / "interrupted"
-    job = metarun([*sweep, f"hydra.sweep.dir={interrupted}"], tmp_path, background=True)
+def interrupt_both_jobs(sweep: list[str], sweep_dir: Path, cwd: Path, ctrl_c: bool) -> subprocess.Popen:
+    """Start ``sweep`` and, once both jobs are past their first checkpoint, send each job SIGUSR2
+    (what SLURM sends before preempting) or the whole sweep SIGINT (Ctrl-C in its terminal)."""
+    job = metarun([*sweep, f"hydra.sweep.dir={sweep_dir}"], cwd, background=True)
     try:
         deadline = time.monotonic() + 180
-        while len(list(interrupted.glob("*seed=*/checkpoints/last.pt"))) < 2:  # both past their first checkpoint
+        while len(list(sweep_dir.glob("*seed=*/checkpoints/last.pt"))) < 2:
             assert job.poll() is None and time.monotonic() < deadline, "the sweep ended before both jobs checkpointed"
             time.sleep(0.1)
-        pids = job_pids(interrupted)
+        pids = job_pids(sweep_dir)
         assert len(pids) == 2
-        for pid in pids:
-            os.kill(pid, signal.SIGUSR2)
-        _, stderr = job.communicate(timeout=240)
+        if ctrl_c:
+            os.killpg(job.pid, signal.SIGINT)
+        else:
+            for pid in pids:
+                os.kill(pid, signal.SIGUSR2)
+        job.stdout_text, job.stderr_text = job.communicate(timeout=240)
     finally:
         if job.poll() is None:
             job.kill()
+    return job
+
+
+def test_preempted_or_interrupted_sweep_jobs_resume_and_end_as_an_uninterrupted_sweep(tmp_path):
+    """Each job of a submitit_local sweep is sent SIGUSR2 (what SLURM sends before preempting or at
+    the time limit) mid-training: it checkpoints, is requeued, resumes from its own folder, and the
+    sweep's summary.csv is the uninterrupted sweep's, bit for bit. Ctrl-C of the sweep stops every
+    job at a checkpoint with one line and no traceback (it printed submitit's and an "internal
+    error"), and the same command again resumes them to the same summary."""
+    sweep = ["-m", "hydra/launcher=local", "seed=0,1", *LONG]
+    interrupted = tmp_path / "interrupted"
+    job = interrupt_both_jobs(sweep, interrupted, tmp_path, ctrl_c=False)
+    stderr = job.stderr_text
     assert job.returncode == 0, stderr[-3000:]
     # submitit's own job folders stay (its logs); the empty one named by its pattern (.submitit/%j) does not
     assert (interrupted / ".submitit").is_dir() and not [
@@ -86,6 +100,18 @@ def test_preempted_sweep_jobs_are_requeued_resume_and_end_as_an_uninterrupted_sw
     assert summary(uninterrupted) == summary(interrupted)
     for folder in uninterrupted.glob("*seed=*"):
         assert "already holds this job's results: nothing to do" in (folder / "metarun.log").read_text()
+
+    stopped = tmp_path / "ctrl_c"
+    job = interrupt_both_jobs(sweep, stopped, tmp_path, ctrl_c=True)
+    assert job.returncode == 1 and "Traceback" not in job.stderr_text, job.stderr_text[-3000:]
+    lines = [line for line in job.stderr_text.splitlines() if line.startswith("metarun:")]
+    assert lines == [f"metarun: 2 of 2 sweep jobs did not finish (their status is in the summary above); the same "
+                     f"command with hydra.sweep.dir={stopped} resumes the 2 interrupted one(s) from their checkpoints"]
+    assert [row["status"] for row in summary(stopped)] == ["interrupted: SIGINT received; checkpoint written"] * 2
+    resumed = metarun([*sweep, f"hydra.sweep.dir={stopped}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert summary(stopped) == summary(uninterrupted)
+    assert not list(stopped.glob("*/interrupted.txt"))
 
 
 def test_parallel_launcher_runs_jobs_side_by_side_with_a_share_of_the_cores(tmp_path):

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import signal
 from pathlib import Path
 
 import yaml
@@ -18,7 +19,9 @@ from metarun.trainers.results import number, objective, objective_cell
 from metarun.utils.checkpoint import atomic_file
 
 ERROR_FILE = "error.txt"  # why a sweep job stopped (written by the job; read into the status column)
-STOPPED_JOBS: list[int] = []  # [jobs that did not finish, jobs] once a sweep has ended with some; main() exits 1
+INTERRUPTED_FILE = "interrupted.txt"  # a job stopped by a signal, to be resumed (removed when it resumes)
+STOPPED_JOBS: list = []  # [jobs that did not finish, jobs, of them interrupted, sweep folder] once a sweep has
+                         # ended with some; main() exits 1
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict]:
@@ -30,8 +33,10 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
         given = job / ".hydra" / "overrides.yaml"  # a long override list's folder name is shortened
         overrides = " ".join(yaml.safe_load(given.read_text()) or []) if given.is_file() else None
         if not path.is_file():
-            error = job / ERROR_FILE
-            status = f"stopped: {error.read_text().strip()}" if error.is_file() else "no results.json (failed or stopped)"
+            error, interrupted = job / ERROR_FILE, job / INTERRUPTED_FILE
+            status = (f"stopped: {error.read_text().strip()}" if error.is_file() else
+                      f"interrupted: {interrupted.read_text().strip()}" if interrupted.is_file() else
+                      "no results.json (failed or stopped)")
             rows.append({"job": job.name, "status": status, "overrides": overrides})
             continue
         results = json.loads(path.read_text())
@@ -92,9 +97,22 @@ def summary_table(rows: list[dict]) -> str:
 
 
 class SweepSummary(Callback):
-    """Prints and writes the sweep's summary when the last job has ended."""
+    """Prints and writes the sweep's summary when the last job has ended; under submitit's local
+    launcher, leaves Ctrl-C to the jobs."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        """submitit's local launcher runs each job under a controller process, all in the terminal's
+        process group, so Ctrl-C reaches every job, which checkpoints and stops (a result of the
+        sweep, "interrupted"); the controllers, though, printed a KeyboardInterrupt traceback each and
+        killed their job a second later. So this process ignores SIGINT while the sweep runs, and the
+        controllers it starts inherit that; it waits for the jobs and prints the summary. (The jobs set
+        their own handlers; a second Ctrl-C stops them at once.)"""
+        if str(config.hydra.launcher.get("_target_", "")).endswith("submitit_launcher.LocalLauncher"):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # (set above)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         sweep_dir = Path(config.hydra.sweep.dir)
         # submitit makes its folder pattern itself (.submitit/%j) before it knows a job id: left empty
         for empty in (sweep_dir / ".submitit").glob("*"):
@@ -106,4 +124,5 @@ class SweepSummary(Callback):
             write_summary(rows, path)
             print(f"sweep summary ({len(rows)} jobs; also in {path}):\n{summary_table(rows)}")
             stopped = sum(r["status"] != "ok" for r in rows)
-            STOPPED_JOBS[:] = [stopped, len(rows)] if stopped else []
+            interrupted = sum(r["status"].startswith("interrupted") for r in rows)
+            STOPPED_JOBS[:] = [stopped, len(rows), interrupted, str(sweep_dir)] if stopped else []
