@@ -474,8 +474,16 @@ def _one_line(exc: BaseException) -> str:
                 "its package, run metarun from the folder that holds it, or put that folder on PYTHONPATH")
     unexpected = re.search(r"Error in call to target '([^']+)'.*unexpected keyword argument '(\w+)'.*full_key: model\b",
                            str(exc), re.DOTALL)
-    if unexpected:  # model._target_=my_nets.Net alone: the model group's file (conv4's hidden, ...) still applies
+    if unexpected:
         target, key = unexpected.groups()
+        takes = _arguments_of(target)
+        near = nearest_key(key, takes)
+        given = next((a for a in _GIVEN_ARGV[1:] if a.lstrip("+").startswith(f"model.{key}=")), None)
+        if given:  # a typo on the command line: the class's own arguments, and the nearest
+            return (f"'{given}': model._target_={target} does not take the argument '{key}'"
+                    + (f"; did you mean model.{near}?" if near else "")
+                    + (f" (it takes {', '.join(takes)})" if takes else ""))
+        # model._target_=my_nets.Net alone: the model group's file (conv4's hidden, ...) still applies
         return (f"model._target_={target} does not take the argument '{key}' (from the model group's file); for a "
                 f"model of your own give model=custom model._target_={target} (its arguments as +model.KEY=VALUE), "
                 "or a model/<name>.yaml of your own in a --config-dir folder")
@@ -488,6 +496,20 @@ def _one_line(exc: BaseException) -> str:
     text = re.sub(r"\s*\n\s*", " ", text).strip()
     text = text.replace("Available options in", "available options in").replace(": \t", ": ")
     return _plainer(text)
+
+
+def _arguments_of(target: str) -> list[str]:
+    """The keyword arguments a ``_target_`` class or function takes (beyond those metarun passes in)."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        parameters = inspect.signature(get_object(target)).parameters.values()
+    except Exception:  # (it was importable a moment ago; say no more than we know)
+        return []
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in ("self", "in_features", "out_features", "in_channels", "image_size")]
 
 
 def _plainer(text: str) -> str:

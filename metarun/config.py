@@ -334,8 +334,13 @@ def nearest_key(key: str, keys: list[str]) -> str | None:
 
 
 def unknown_key_message(key: str, keys: list[str]) -> str:
+    """``key`` is not in ``keys``: the nearest one, or where there is none near, the keys beside it."""
     near = nearest_key(key, keys)
-    return f"{key} is not a key of the config" + (f"; did you mean {near}?" if near else "")
+    if near:
+        return f"{key} is not a key of the config; did you mean {near}?"
+    parent = key.rpartition(".")[0]
+    beside = [k.rpartition(".")[2] for k in keys if parent and k.rpartition(".")[0] == parent]
+    return f"{key} is not a key of the config" + (f" ({parent} has {', '.join(beside)})" if 0 < len(beside) <= 16 else "")
 
 
 def check_added_keys(cfg: DictConfig, overrides: list[str], config_dir: Path) -> None:
@@ -394,6 +399,11 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             raise ConfigError(f"{key} must be {rule}, got {value!r}")
 
+    model = cfg.get("model")
+    if isinstance(model, DictConfig) and ("_target_" not in model or OmegaConf.is_missing(model, "_target_")):
+        raise ConfigError("the model config names no class to build (model._target_): with model=custom give "
+                          "model._target_=<module>.<Class>; in a model/<name>.yaml of your own add the line "
+                          "'_target_: <module>.<Class>' (docs/your_data.md)")
     need(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda"), "device", "auto, cpu or cuda[:N]", cfg.device)
     need(cfg.dtype in ("float32", "float64"), "dtype", "float32 or float64", cfg.dtype)
     need(alg.inner_lr > 0, "algorithm.inner_lr", "> 0", alg.inner_lr)

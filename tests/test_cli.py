@@ -200,6 +200,25 @@ def test_a_target_that_does_not_exist_is_one_line(cli):
     assert_one_line_error(cli("model._target_=metarun.models.NoSuchNet"), "metarun.models.NoSuchNet cannot be imported")
 
 
+def test_a_users_model_without_its_class_or_with_a_misspelt_argument_is_one_line(cli):
+    """model=custom without model._target_, and a model/<name>.yaml without _target_, got OmegaConf's
+    raw 'Missing mandatory value' and 'Missing key to'; a misspelt +model.KEY of a user's class got
+    no suggestion and was said to come from the model group's file."""
+    (cli.cwd / "my_nets.py").write_text(
+        "from metarun.models import MLP\n\n\nclass Wide(MLP):\n"
+        "    def __init__(self, in_features, out_features, width=8):\n"
+        "        super().__init__(in_features=in_features, out_features=out_features, hidden_sizes=[width])\n")
+    (cli.cwd / "my_configs" / "model").mkdir(parents=True)
+    (cli.cwd / "my_configs" / "model" / "wide.yaml").write_text("width: 8\n")
+    no_class = "the model config names no class to build (model._target_): with model=custom give model._target_="
+    assert_one_line_error(cli("model=custom", "+model.width=16"), no_class)
+    assert_one_line_error(cli("--config-dir", str(cli.cwd / "my_configs"), "model=wide"), no_class, "'_target_: ")
+    assert_one_line_error(cli("model=custom", "model._target_=my_nets.Wide", "+model.widht=16"),
+                          "'+model.widht=16': model._target_=my_nets.Wide does not take the argument 'widht'; did you "
+                          "mean model.width? (it takes width)")
+    assert runs_in(cli.cwd) == []
+
+
 def test_the_console_script_finds_a_users_model_in_the_current_folder(cli):
     (cli.cwd / "my_nets.py").write_text(
         "from metarun.models import MLP\n\n\nclass Wide(MLP):\n"

@@ -37,6 +37,10 @@ def test_every_config_file_composes_and_validates(group, option):
     companion = ["task=navigation2d"] if (group, option) in RL_PIECES else []
     if group == "setting":  # a setting is composed with a task of its family (and so its algorithm)
         companion = [f"task={option if option in RL_SETTINGS else option.split('_')[0]}"]
+    if (group, option) == ("model", "custom"):  # a class of the user's own, named on the command line
+        with pytest.raises(ConfigError, match=r"names no class to build \(model\._target_\)"):
+            validate(compose_config("model=custom"))
+        companion = ["model._target_=my_nets.Net"]
     cfg = compose_config(*companion, f"{group}={option}")
     validate(cfg)
     assert cfg.task.name and cfg.trainer.name
@@ -185,6 +189,10 @@ def test_plus_adds_keys_only_inside_free_form_mappings():
         check_added_keys(cfg, ["+trainer.iteratons=10"], Path(CONFIG_DIR))
     with pytest.raises(ConfigError, match="'[+]seeed=1': seeed is not a key of the config; did you mean seed"):
         check_added_keys(compose_config("+seeed=1"), ["+seeed=1"], Path(CONFIG_DIR))
+    # nothing near to suggest: the keys beside it (it said only "not a key of the config")
+    with pytest.raises(ConfigError, match=r"model\.widht is not a key of the config \(model has _target_, in_features, "
+                                          r"out_features, hidden_sizes, activation, batch_norm\)"):
+        check_added_keys(compose_config("+model.widht=8"), ["+model.widht=8"], Path(CONFIG_DIR))
 
 
 def setting_of(experiment: str) -> str:
