@@ -213,6 +213,7 @@ class IMAMLConfig(AlgorithmConfig):
     cg_damping: float = 1.0
     lam_damping: float = 10.0
     test_lam: float | None = 0.0
+    backtracking: int = 0
 
 
 @dataclass

@@ -208,11 +208,50 @@ def test_imaml_meta_gradient_is_the_exact_implicit_gradient_on_ridge_regression(
     errors = []
     for cg in (1, 2, 4):
         imaml = algorithm("imaml", model, F.mse_loss, inner_lr=0.1, inner_steps=400, lam=2.0, cg_iterations=cg,
-                          inner_solver="proximal_gd", system="paper")
+                          inner_solver="proximal_gd", system="paper", backtracking=0)
         got = gc.outer_gradient(imaml, dict(model.named_parameters()), tasks, batching)["weight"][0]
         errors.append(float((got - exact).abs().max() / exact.abs().max()))
     assert errors[-1] <= 1e-10  # conjugate gradient is exact in `dim` = 4 steps
     assert errors[0] > errors[1] > errors[2]  # and approaches it as its steps grow
+
+
+def test_imaml_backtracking_reaches_the_exact_implicit_gradient_where_plain_steps_diverge():
+    """``backtracking``: on a task whose curvature is too high for inner_lr, plain gradient steps on
+    the proximal objective diverge; the safeguarded steps (the longest of lr, lr/2, ... that does not
+    raise it) converge to its minimum, so the meta-gradient is the exact implicit one, the same under
+    vmap and the loop; where lr is safe they are the plain steps, bit for bit."""
+    lam = 2.0
+    model, one = ridge_problem()
+    tasks = TaskBatch(*(torch.cat([t, t.flip(1) * 1.5]) for t in one))  # two tasks, two curvatures
+    x = tasks.support_x[1]
+    top = float(torch.linalg.eigvalsh(2 * x.T @ x / len(x)).max()) + lam  # the proximal objective's largest curvature
+    values = dict(inner_steps=300, lam=lam, cg_iterations=4, inner_solver="proximal_gd", system="paper")
+    params = dict(model.named_parameters())
+    plain = gc.outer_gradient(algorithm("imaml", model, F.mse_loss, inner_lr=3.0 / top, backtracking=0, **values),
+                              params, tasks, "loop")
+    assert not (plain["weight"].abs() < 1e30).all()  # 3 / L: every step multiplies the top direction by -2
+    safe = algorithm("imaml", model, F.mse_loss, inner_lr=3.0 / top, backtracking=4, **values)
+    exact = torch.stack([exact_implicit_gradient(model, TaskBatch(*(t[i:i + 1] for t in tasks)), lam) for i in (0, 1)])
+    for batching in ("vmap", "loop"):
+        got = gc.outer_gradient(safe, params, tasks, batching)["weight"][0]
+        # to the precision a test on the objective's values allows: near the minimum a step changes it
+        # by less than its rounding, so phi stops within about sqrt(float64 eps) (plain steps: 1e-10 above)
+        assert float((got - exact.mean(0)).abs().max() / exact.abs().max()) <= 1e-8, batching
+    state = safe.start(params, lam)  # and each step lowers the objective (or stays)
+    objective = []
+    for i in range(8):
+        phi = {k: v.detach() for k, v in state["params"].items()}
+        objective.append(float(F.mse_loss(phi["weight"] @ x.T, tasks.support_y[1, :, 0][None])
+                               + lam / 2 * ((phi["weight"] - params["weight"].detach()) ** 2).sum()))
+        state = safe.adapt_step(state, x, tasks.support_y[1], i)
+    assert all(b <= a for a, b in zip(objective, objective[1:])) and objective[-1] < objective[0]
+    small = dict(values, inner_steps=20)
+    for solver in ("proximal_gd", "sgd_pullback"):
+        a = gc.outer_gradient(algorithm("imaml", model, F.mse_loss, inner_lr=0.05, backtracking=0,
+                                        **dict(small, inner_solver=solver)), params, tasks, "vmap")
+        b = gc.outer_gradient(algorithm("imaml", model, F.mse_loss, inner_lr=0.05, backtracking=4,
+                                        **dict(small, inner_solver=solver)), params, tasks, "vmap")
+        assert torch.equal(a["weight"], b["weight"]), solver
 
 
 def test_every_algorithms_evaluation_adapts_as_its_training_does(case):

@@ -24,6 +24,13 @@ number of inner steps. Two keys choose between the paper and the authors' code
   step mostly absorbs.
 
 At evaluation the task is adapted with ``test_lam`` in place of lam (the authors: 0, plain SGD steps).
+
+``backtracking`` (0 = off, the authors') makes each inner step safe: of the steps ``inner_lr * 2^-j``,
+j = 0..K, it takes the longest that does not raise the objective that step descends (the support
+loss; with ``proximal_gd``, the proximal objective), and no step where none does. The implicit
+gradient needs only an approximate minimum, not how it was reached, so this changes no formula; it
+keeps the solver from diverging where ``inner_lr`` is too long for a task's curvature (on sinusoid,
+plain steps took a task's loss 14 -> 8 -> 180 -> inf; docs/algorithms.md).
 """
 
 from __future__ import annotations
@@ -85,6 +92,8 @@ class IMAML(Algorithm):
             raise ConfigError(f"algorithm.inner_solver must be one of {', '.join(SOLVERS)}, got {alg.inner_solver!r}")
         if alg.system not in SYSTEMS:
             raise ConfigError(f"algorithm.system must be one of {', '.join(SYSTEMS)}, got {alg.system!r}")
+        if alg.get("backtracking", 0) < 0:
+            raise ConfigError(f"algorithm.backtracking must be >= 0 (halvings of the inner step), got {alg.backtracking}")
         for name in ("cg_damping", "lam_damping", "test_lam"):
             if alg[name] is not None and alg[name] < 0:
                 raise ConfigError(f"algorithm.{name} must be >= 0, got {alg[name]}")
@@ -96,6 +105,7 @@ class IMAML(Algorithm):
         self.damped = cfg.system == "damped"
         self.cg_damping, self.lam_damping = float(cfg.cg_damping), float(cfg.lam_damping)
         self.test_lam = self.lam if cfg.test_lam is None else float(cfg.test_lam)
+        self.backtracking = int(cfg.get("backtracking", 0))
 
     def graph_key(self) -> tuple:
         return ()
@@ -113,9 +123,22 @@ class IMAML(Algorithm):
         proximal objective (``proximal_gd``)."""
         phi, theta, lam = state["params"], state["anchor"], state["lam"]
         grads = gradients(lambda p: self.support_loss(p, x, y), phi, None, True, engine)
-        if not self.pullback and lam:
+        proximal = not self.pullback and lam
+        if proximal:
             grads = {k: g + lam * (phi[k] - theta[k]) for k, g in grads.items()}
-        return {**state, "params": inner_step(phi, grads, self.alpha)}
+        if not self.backtracking:
+            return {**state, "params": inner_step(phi, grads, self.alpha)}
+
+        def objective(p: Params) -> Tensor:  # what this step descends
+            prox = lam / 2 * sum(((p[k] - theta[k]) ** 2).sum() for k in p) if proximal else 0.0
+            return self.support_loss(p, x, y) + prox
+
+        with torch.no_grad():  # the longest safe step: shortest first, so a longer one that is safe wins
+            before, scale = objective(phi), torch.zeros((), dtype=x.dtype, device=x.device)
+            for j in range(self.backtracking, -1, -1):
+                after = objective(inner_step(phi, grads, self.alpha * 2.0 ** -j))
+                scale = torch.where(torch.isfinite(after) & (after <= before), 2.0 ** -j, scale)
+        return {**state, "params": inner_step(phi, grads, self.alpha * scale)}
 
     def weights(self, state: State, step: int) -> Params:
         """The adapted parameters; with ``sgd_pullback``, after the pull-back step towards theta."""
