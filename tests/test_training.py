@@ -180,13 +180,18 @@ def test_cpu_threads_default_to_the_cores_other_work_leaves_free_and_follow_the_
     busy = [0.0]
     monkeypatch.setattr(runtime.CoreWatch, "others", lambda self: busy[0])
     monkeypatch.setattr(runtime, "usable_cores", lambda: 4)
+    monkeypatch.setattr(runtime, "_BUSY", [])
     try:
         sup.setup(small_cfg(), run_dir=None)
         assert torch.get_num_threads() == 4  # an idle machine: every core
         busy[0] = 1.2
         sup.setup(small_cfg(), run_dir=None)
-        assert torch.get_num_threads() == 3
+        assert torch.get_num_threads() == 4  # one reading serves the process for 30 s ...
+        runtime._BUSY.clear()
+        sup.setup(small_cfg(), run_dir=None)
+        assert torch.get_num_threads() == 3  # ... then it looks again
         busy[0] = 7.0
+        runtime._BUSY.clear()
         assert runtime.set_threads(None) == 1
         sup.setup(small_cfg("trainer.num_threads=2"), run_dir=None)
         assert torch.get_num_threads() == 2  # given: as given

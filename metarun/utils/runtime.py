@@ -73,6 +73,19 @@ class CoreWatch:
         return max(0.0, (now[0] - before[0]) - (now[1] - before[1])) / (now[2] - before[2])
 
 
+_BUSY: list[tuple[float, float]] = []  # (when, cores busy with other work): one reading serves a process's runs
+                                       # for 30 s (a sweep's jobs in one process, a test suite's set-ups)
+
+
+def _busy_cores() -> float:
+    """Cores' worth of other work now, over 0.1 s (0 where it cannot be read)."""
+    if not _BUSY or time.monotonic() - _BUSY[0][0] > 30.0:
+        watch = CoreWatch()
+        time.sleep(0.1)
+        _BUSY[:] = [(time.monotonic(), watch.others() or 0.0)]
+    return _BUSY[0][1]
+
+
 def set_threads(requested: int | None) -> int:
     """torch's CPU threads: ``requested``, or None for the cores this process may use that other
     work is not keeping busy right now (measured over 0.1 s), shared out among the processes torchrun
@@ -83,9 +96,7 @@ def set_threads(requested: int | None) -> int:
     if requested is None and local_ranks > 1:  # torchrun's ranks on this machine: a share each (the
         requested = max(1, cores // local_ranks)  # others' set-up would read as other work here)
     if requested is None:
-        watch = CoreWatch()
-        time.sleep(0.1)
-        busy = watch.others() or 0.0
+        busy = _busy_cores()
         requested = max(1, cores - round(busy))
         if requested < cores:
             log.info("trainer.num_threads=%d: other work keeps about %.1f of this process's %d cores busy",
