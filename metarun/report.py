@@ -321,7 +321,7 @@ def _ms(results: dict):
 # --- text -----------------------------------------------------------------------------------------
 
 
-def _scale(metric: str) -> tuple[float, str]:
+def display_scale(metric: str) -> tuple[float, str]:
     """Accuracy is shown in percent."""
     return (100.0, " %") if metric == "accuracy" else (1.0, "")
 
@@ -329,7 +329,7 @@ def _scale(metric: str) -> tuple[float, str]:
 def _fmt(value: float | None, metric: str) -> str:
     if value is None:
         return "n/a"
-    factor, _ = _scale(metric)
+    factor, _ = display_scale(metric)
     value *= factor
     if metric == "accuracy":
         return f"{value:.2f}"
@@ -347,7 +347,7 @@ def _pooled_text(p: Pooled, metric: str) -> str:
     if p.sd is not None:
         spread = _fmt(p.sd, metric)
         if "e" not in text and "e" in spread:  # a spread far below the mean: in the mean's decimals
-            spread = f"{p.sd * _scale(metric)[0]:.{len(text.split('.')[-1])}f}"
+            spread = f"{p.sd * display_scale(metric)[0]:.{len(text.split('.')[-1])}f}"
         text += f" ± {spread}"
     text += f" ({p.n})"
     return text + (f" [{p.runs - p.n} non-finite]" if p.n < p.runs else "")
@@ -385,7 +385,7 @@ def table_rows(table: Table, published: list[dict]) -> tuple[list[str], list[lis
     own = {id(conf): _own_steps(conf, table.group) for conf in table.configurations}
     mixed = len(set(own.values())) > 1
     last_label = "its test steps" if mixed else str(steps[-1])
-    factor, unit = _scale(table.metric)
+    factor, unit = display_scale(table.metric)
     other = any(_other_mode(conf, table.group) for conf in table.configurations)
     header = [*table.columns, "seeds",
               *[f"{table.metric}{unit} after {s} step{'s' * (s != 1)}" for s in steps],
@@ -563,7 +563,7 @@ def plot_table(table: Table, out: Path, notes: list[str] | None = None) -> list[
     import matplotlib.pyplot as plt
 
     colors = plt.get_cmap("tab10").colors
-    factor, unit = _scale(table.metric)
+    factor, unit = display_scale(table.metric)
     written = []
 
     def save(fig, name: str) -> None:

@@ -37,8 +37,9 @@ class MAMLTRPO(nn.Module):
         super().__init__()
         self.__dict__["policy"] = policy
         self.cfg = cfg
-        if cfg.get("fisher", "factored") not in FISHER_PRODUCTS:
-            raise MetarunError(f"algorithm.fisher={cfg.fisher}: must be one of {', '.join(FISHER_PRODUCTS)}")
+        self.fisher = cfg.get("fisher", "factored")  # (checkpoints of older configs have no key)
+        if self.fisher not in FISHER_PRODUCTS:
+            raise MetarunError(f"algorithm.fisher={self.fisher}: must be one of {', '.join(FISHER_PRODUCTS)}")
         # where the TRPO step runs: the episodes are sampled on the CPU and moved there once per iteration
         self.device = torch.device(device)
 
@@ -95,7 +96,7 @@ class MAMLTRPO(nn.Module):
             return pg.meta_objective(policy, p, batch, alg.inner_lr, alg.inner_steps, alg.first_order)
 
         fisher = None
-        if alg.get("fisher", "factored") == "factored" and alg.inner_steps == 1:
+        if self.fisher == "factored" and alg.inner_steps == 1:
             fisher = pg.meta_fisher_operator(policy, params, batch, alg.inner_lr, alg.first_order)
         new, stats = trpo_step(params, objective, alg.max_kl, alg.cg_iterations, alg.cg_damping,
                                alg.backtrack_ratio, alg.line_search_steps, reduce, fisher)

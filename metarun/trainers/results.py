@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from metarun.report import display_scale
 from metarun.utils.checkpoint import atomic_file
 
 
@@ -222,7 +223,7 @@ def results_table(results: dict) -> str:
     width = max(len(g) for g in groups) + 2
     mark_width = max(len(_diverged_mark(c)) for row in groups.values() for c in row.values())
     # accuracy in percent, as metarun report and the docs give it
-    factor, unit = (100.0, " %") if results["metric"] == "accuracy" else (1.0, "")
+    factor, unit = display_scale(results["metric"])
     head = f"{results['task']} test {results['metric']}{unit} ({results['test_tasks']} tasks, mean +- 95% CI)"
     lines = [head, (" " * width + "  ".join(f"{n:^{CELL_WIDTH + mark_width}}" for n in names)).rstrip()]
     notes = [f"* {marked}: the K the model was trained with (the headline and the sweep objective)"] if marked else []
