@@ -558,7 +558,6 @@ class LocomotionTasks:
         # the trainer sets from trainer.num_threads, shared among the worker processes); gymnasium: one env
         # after another
         self.threads = 1 if sampler == "gymnasium" else (threads or max(1, torch.get_num_threads() // num_workers))
-        self._group_threads = 0 if sampler == "gymnasium" else self.threads  # 0: gymnasium's own loop
         self.env_kwargs = dict(env_kwargs or {})
         probe = make_env(name, **self.env_kwargs)
         self.obs_dim: int = probe.observation_space.shape[0]
@@ -567,6 +566,11 @@ class LocomotionTasks:
         self.action_high = torch.as_tensor(probe.action_space.high, dtype=torch.float32)
         probe.close()
         self._samplers: dict[int, _SyncSampler | _AsyncSampler] = {}  # by number of envs, reused
+
+    @property
+    def _group_threads(self) -> int:
+        """The samplers' ``threads``: 0 selects gymnasium's own loop."""
+        return 0 if self.sampler == "gymnasium" else self.threads
 
     @property
     def task_key(self) -> str:
