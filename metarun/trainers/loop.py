@@ -124,6 +124,20 @@ def phase(name: str, recover: str):
             signal.signal(sig, old)
 
 
+def training_phase(run_dir: Path):
+    """:func:`phase` of a trainer's training (the loop inside checkpoints on a signal itself)."""
+    return phase("training", f"metarun resume={run_dir} continues from its last checkpoint")
+
+
+@contextmanager
+def test_phase(cfg: DictConfig, run_dir: Path, eval_only: bool):
+    """:func:`phase` of the final test (or of ``evaluate=``), announced in the log."""
+    with phase("the evaluation" if eval_only else "the final test",
+               f"{'' if eval_only else 'training is complete: '}metarun evaluate={run_dir} tests it again"):
+        log.info("testing on %d tasks (trainer.test_tasks, seed %d)", cfg.trainer.test_tasks, cfg.trainer.test_seed)
+        yield
+
+
 @contextmanager
 def stop_on_signals():
     handler = StopRequest()

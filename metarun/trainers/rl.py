@@ -25,7 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 from metarun import __version__, distributed
 from metarun.algorithms.maml_trpo import MAMLTRPO, check_finite
 from metarun.meta import policy_gradient as pg
-from metarun.trainers.loop import phase, train_loop
+from metarun.trainers.loop import test_phase, train_loop, training_phase
 from metarun.trainers.results import (
     print_results,
     reset_peak_memory,
@@ -204,13 +204,11 @@ def run_rl(cfg: DictConfig, run_dir: Path, state: dict | None = None, eval_only:
             restore(run, state)
             log.info("%s the checkpoint of iteration %d", "evaluating" if eval_only else "resuming from", run.iteration)
         if not eval_only:
-            with phase("training", f"metarun resume={run_dir} continues from its last checkpoint"):
+            with training_phase(run_dir):
                 train(run)
         # the test runs on rank 0 alone (its episodes share one action stream, so a split would
         # change them); the other ranks wait for its numbers
-        with phase("the evaluation" if eval_only else "the final test",
-                   f"{'' if eval_only else 'training is complete: '}metarun evaluate={run_dir} tests it again"):
-            log.info("testing on %d tasks (trainer.test_tasks, seed %d)", cfg.trainer.test_tasks, cfg.trainer.test_seed)
+        with test_phase(cfg, run_dir, eval_only):
             results = distributed.broadcast_object(evaluate(run) if distributed.is_main() else None, "the test")
     finally:
         run.envs.close()

@@ -28,7 +28,7 @@ from metarun.algorithms import Algorithm, build
 from metarun.meta import refuse_torch_batch_norm, resolve_batching
 from metarun.models.norm import BatchStatNorm
 from metarun.trainers.graphed import GraphedMetaStep
-from metarun.trainers.loop import phase, train_loop
+from metarun.trainers.loop import test_phase, train_loop, training_phase
 from metarun.trainers.results import (
     diverged_tasks,
     print_results,
@@ -400,10 +400,9 @@ def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, ev
             if len(saved.get(field_name, [])) > len(kept):
                 setattr(run, field_name, list(saved[field_name]))
     else:
-        with phase("training", f"metarun resume={run_dir} continues from its last checkpoint"):
+        with training_phase(run_dir):
             train(run)
-    with phase("the evaluation" if eval_only else "the final test",
-               f"{'' if eval_only else 'training is complete: '}metarun evaluate={run_dir} tests it again"):
+    with test_phase(cfg, run_dir, eval_only):
         best = run.run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.BEST
         if not eval_only and cfg.trainer.evaluate_best and best.is_file():
             best_state = checkpoint.load(best)
@@ -412,7 +411,6 @@ def run_supervised(cfg: DictConfig, run_dir: Path, state: dict | None = None, ev
             run.iteration, run.train_seconds = best_state["iteration"], best_state.get("train_seconds")
             run.sittings = best_state.get("sittings", [])
             log.info("evaluating the best validation checkpoint (iteration %d)", run.iteration)
-        log.info("testing on %d tasks (trainer.test_tasks, seed %d)", cfg.trainer.test_tasks, cfg.trainer.test_seed)
         results = evaluate(run)
         if distributed.is_main():
             path = write_results(run.run_dir, results, run.cfg)

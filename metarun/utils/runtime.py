@@ -86,6 +86,11 @@ def _busy_cores() -> float:
     return _BUSY[0][1]
 
 
+def idle_cores(busy: float, cores: int) -> int:
+    """The threads that fit beside ``busy`` cores' worth of other work (at least one)."""
+    return max(1, cores - round(busy))
+
+
 def set_threads(requested: int | None) -> int:
     """torch's CPU threads: ``requested``, or None for the cores this process may use that other
     work is not keeping busy right now (measured over 0.1 s), shared out among the processes torchrun
@@ -97,7 +102,7 @@ def set_threads(requested: int | None) -> int:
         requested = max(1, cores // local_ranks)  # others' set-up would read as other work here)
     if requested is None:
         busy = _busy_cores()
-        requested = max(1, cores - round(busy))
+        requested = idle_cores(busy, cores)
         if requested < cores:
             log.info("trainer.num_threads=%d: other work keeps about %.1f of this process's %d cores busy",
                      requested, busy, cores)
@@ -118,7 +123,7 @@ def oversubscribed(threads: int, watch: CoreWatch) -> str | None:
     _WARNED.append(True)
     return (f"other work keeps about {busy:.1f} of this process's {cores} cores busy while torch runs {threads} threads, "
             f"which then wait on each other and can run many times slower: give trainer.num_threads="
-            f"{max(1, cores - round(busy))} or stop the other work (docs/speed.md)")
+            f"{idle_cores(busy, cores)} or stop the other work (docs/speed.md)")
 
 
 def seed_everything(seed: int) -> None:
