@@ -265,9 +265,10 @@ def bench_rl(name: str, overrides: list[str], iterations: int, path: str = "batc
     alg, envs = cfg.algorithm, run.envs
     params = {k: p.detach() for k, p in run.policy.named_parameters()}
     tasks = envs.sample_tasks(alg.meta_batch_size, run.generators["tasks"])
+    act = pg.make_act(run.policy, params, run.generators["actions"], False)
+    envs.rollout(act, tasks, alg.trajectories, 0)  # makes the envs, which later rollouts reuse
     start = time.perf_counter()
-    rollouts = envs.rollout(pg.make_act(run.policy, params, run.generators["actions"], False), tasks,
-                            alg.trajectories, 0)
+    rollouts = envs.rollout(act, tasks, alg.trajectories, 1)
     steps_per_s = rollouts.mask.numel() / (time.perf_counter() - start)
     sampling = 0.0
     rollout = envs.rollout

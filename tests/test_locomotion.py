@@ -354,7 +354,9 @@ def policy_of_observations(sampler, seed=0):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_batched_sampler_gives_the_trajectories_of_the_gymnasium_loop(name):
-    """Envs stepped on threads, in chunks of unequal size, against the same envs stepped one after another."""
+    """The batched sampler against the same envs stepped one after another: the Ant's envs on threads, in
+    chunks of unequal size, give the very same trajectories; the cheetah's, in MuJoCo's rollout, the same up
+    to the constraint solver's cold start at each step (float32 rounding over these 40 steps)."""
     horizon = 40
     with (LocomotionTasks(name, horizon=horizon, sampler="gymnasium") as gymnasium_loop,
           LocomotionTasks(name, horizon=horizon, sampler="batched", threads=3) as batched):
@@ -362,11 +364,54 @@ def test_batched_sampler_gives_the_trajectories_of_the_gymnasium_loop(name):
         tasks = batched.sample_tasks(3, torch.Generator().manual_seed(5))
         reference = gymnasium_loop.rollout(policy_of_observations(batched), tasks, 4, seed=11)  # 12 envs
         data = batched.rollout(policy_of_observations(batched), tasks, 4, seed=11)
-        assert batched._samplers[12].group.threads == 3 and len(batched._samplers[12].group._chunks) == 3
+        group = batched._samplers[12].group
+        assert group.threads == 3
+        assert (group._native is None) == name.startswith("ant") and (group._pool is None) != name.startswith("ant")
     for field in ("observations", "actions", "rewards", "mask"):
-        assert torch.equal(getattr(data, field), getattr(reference, field)), field
+        if name.startswith("ant"):
+            assert torch.equal(getattr(data, field), getattr(reference, field)), field
+        else:
+            torch.testing.assert_close(getattr(data, field), getattr(reference, field), rtol=1e-5, atol=1e-5)
     if name.startswith("ant"):  # episodes that end inside the horizon are covered
         assert 0 < (data.mask[:, :, -1] == 0).sum() < 12
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_cheetahs_batched_step_is_gymnasiums_physics(threads):
+    """One step of MuJoCo's rollout (the cheetah's batched sampler) from gymnasium's own states under the same
+    actions: the state gymnasium's env reaches to float64 rounding (only the solver's warm start differs),
+    its observation, and the reward from rllab's velocity at that state."""
+    import gymnasium
+
+    env = gymnasium.make("HalfCheetah-v5").unwrapped
+    group = locomotion._make_group("halfcheetah_dir", 0, 3, 3, {}, threads)
+    group.tasks = [{"direction": 1}, {"direction": -1}, {"direction": 1}]
+    group.reset(options={"seeds": [0, 1, 2]})
+    rng = np.random.default_rng(0)
+    full = mujoco.mjtState.mjSTATE_FULLPHYSICS
+    for _ in range(50):
+        env.reset(seed=int(rng.integers(1000)))
+        for _ in range(int(rng.integers(20))):  # somewhere along an episode, warm start and all
+            env.step(rng.uniform(-1, 1, 6))
+        for i in range(3):  # every env of the group starts from gymnasium's state
+            group._native.states[i] = 0.0
+            mujoco.mj_getState(env.model, env.data, group._native.states[i], full)
+        actions = np.tile(rng.uniform(-1, 1, 6), (3, 1))  # the same step in each env, which differ in task
+        observations, _, _, _, info = group.step(actions)
+        expected, _, _, _, _ = env.step(actions[0])
+        after = np.zeros_like(group._native.states[0])
+        mujoco.mj_getState(env.model, env.data, after, full)
+        for i in range(3):
+            np.testing.assert_allclose(group._native.states[i], after, rtol=0, atol=1e-11)
+            np.testing.assert_allclose(observations[i], expected, rtol=0, atol=1e-11)
+        reference = copy.copy(env.data)
+        mujoco.mj_forward(env.model, reference)
+        v = com_velocity_rllab(env.model, reference)
+        signs = np.array([1.0, -1.0, 1.0])
+        np.testing.assert_allclose(info["rewards"], signs * v - 0.05 * np.sum(actions**2, axis=1), atol=1e-11)
+        assert not info["terminated"].any()
+    group.close()
+    env.close()
 
 
 @pytest.mark.parametrize("name", ["halfcheetah_dir", "ant_vel"])
@@ -389,7 +434,9 @@ def test_batched_sampler_follows_gymnasiums_own_env(name):
         for t in range(horizon):
             if data.mask[0, j, t] == 0:
                 break
-            assert torch.equal(data.observations[0, j, t], torch.from_numpy(observation.astype(np.float32)))
+            # the cheetah's step is MuJoCo's rollout (cold solver start): equal to float32 rounding
+            torch.testing.assert_close(data.observations[0, j, t], torch.from_numpy(observation.astype(np.float32)),
+                                       rtol=1e-6, atol=1e-6)
             action = np.clip(data.actions[0, j, t].double().numpy(), -1.0, 1.0)
             observation, _, terminated, _, _ = env.step(action)
             reference = copy.copy(state)  # rllab's forward() after the step, on a copy
