@@ -15,10 +15,10 @@ above the resident set after set-up (model and dataset loaded).
     python -m metarun.bench --threads 1           # one torch thread (default: every core)
     python -m metarun.bench --configs omniglot_5w1s --algorithms maml --processes 2 --rl
 
-``--rl`` measures each meta-RL config along both ``RL_PATHS`` side by side (the gymnasium sampler with
-the double-backward Fisher products, metarun's path before issue 41, and the batched sampler with the
-factored products), the TRPO step on each of ``--devices``, and MuJoCo's own speed for each robot on one
-core (the floor under any sampler).
+``--rl`` measures each meta-RL config along the ``RL_PATHS`` side by side (the gymnasium sampler with
+the double-backward Fisher products, metarun's path before issue 41; the batched sampler with the
+factored products by autograd; and with them in closed form, the default), the TRPO step on each of
+``--devices``, and MuJoCo's own speed for each robot on one core (the floor under any sampler).
 
 ``--processes N`` (default 2; 0 skips it) adds a row per config: MAML on N torchrun processes of
 one thread each (gloo on a CPU) against one process with N threads, the same global meta-batch,
@@ -244,6 +244,7 @@ RL_CONFIGS = {
 # products of the TRPO step; "gymnasium + autograd" is the path of metarun before both existed
 RL_PATHS = {
     "gymnasium + autograd": {"task.sampler": "gymnasium", "algorithm.fisher": "autograd"},
+    "batched + factored (autograd)": {"task.sampler": "batched", "algorithm.fisher": "factored_autograd"},
     "batched + factored": {"task.sampler": "batched", "algorithm.fisher": "factored"},
 }
 
@@ -322,9 +323,9 @@ def physics_floor(names=("halfcheetah_dir", "ant_dir"), steps: int = 2000) -> li
 
 
 def rl_table(rows: list[dict]) -> str:
-    return _ruled(f"{'config':<18}{'path':<23}{'device':<8}{'env steps/s':>12}{'s/meta-iter':>13}{'sampling s':>12}"
+    return _ruled(f"{'config':<18}{'path':<32}{'device':<8}{'env steps/s':>12}{'s/meta-iter':>13}{'sampling s':>12}"
                   f"{'rest s':>9}{'peak MB':>9}{'threads':>9}", [
-        f"{r['config']:<18}{r['path']:<23}{r['device']:<8}{r['env_steps_per_s']:>12.0f}{r['s_per_meta_iteration']:>13.2f}"
+        f"{r['config']:<18}{r['path']:<32}{r['device']:<8}{r['env_steps_per_s']:>12.0f}{r['s_per_meta_iteration']:>13.2f}"
         f"{r['sampling_s']:>12.2f}{r['rest_s']:>9.2f}{r['peak_mb']:>9.0f}{r['threads']:>9}" for r in rows])
 
 

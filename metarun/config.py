@@ -231,7 +231,9 @@ class RLAlgorithmConfig:
     cg_damping: float = 1e-5
     backtrack_ratio: float = 0.8
     line_search_steps: int = 15
-    fisher: str = "factored"  # factored: mean_i J_i K_i J_i (one inner step); autograd: the KL's double backward
+    # factored: mean_i J_i K_i J_i (one inner step), in closed form for an MLP policy; factored_autograd: the
+    # same by autograd; autograd: the KL's double backward through the inner step
+    fisher: str = "factored"
     test_inner_lrs: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.05])
 
 

@@ -113,7 +113,7 @@ def test_python_dash_m_and_console_script_agree(cli):
     (["algorithm=reptile", "algorithm.inner_optimizer=rmsprop"], ["algorithm.inner_optimizer must be adam or sgd"]),
     # a key under the basic sweeper's null params (was "internal error (AssertionError)" and a traceback)
     (["-m", "hydra.sweeper.params.seed=0", "debug=smoke"], ["hydra.sweeper.params is null", "metarun -m seed=0,1,2"]),
-    (["task=halfcheetah_dir", "algorithm.fisher=hessian"], ["algorithm.fisher=hessian: must be one of factored, autograd"]),
+    (["task=halfcheetah_dir", "algorithm.fisher=hessian"], ["algorithm.fisher=hessian: must be one of factored, factored_autograd, autograd"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(cli, args, fragments):
     assert_one_line_error(cli(*args), *fragments)
@@ -396,8 +396,8 @@ def test_bench_rl_measures_both_paths_and_the_physics_floor(monkeypatch):
                         "algorithm.meta_batch_size=2", "algorithm.trajectories=2", "task.threads=2"], 1))
     rows = [bench.bench_rl("halfcheetah_dir", bench.RL_CONFIGS["halfcheetah_dir"][0], 1, path)
             for path in bench.RL_PATHS]
-    assert [r["path"] for r in rows] == ["gymnasium + autograd", "batched + factored"]
-    assert [r["sampler_threads"] for r in rows] == [1, 2]
+    assert [r["path"] for r in rows] == ["gymnasium + autograd", "batched + factored (autograd)", "batched + factored"]
+    assert [r["sampler_threads"] for r in rows] == [1, 2, 2]
     for r in rows:
         assert r["env_steps_per_s"] > 0 and r["peak_mb"] > 0 and r["device"] == "cpu"
         assert r["s_per_meta_iteration"] == pytest.approx(r["sampling_s"] + r["rest_s"])

@@ -59,7 +59,8 @@ def test_rl_step_benches_both_paths_trains_and_reports(tmp_path):
     out = tmp_path / "out" / "rl"
     record = json.loads(next(out.glob("bench_*.json")).read_text())
     assert [(r["config"], r["path"], r["device"]) for r in record["rl"]] == [
-        ("navigation2d", "gymnasium + autograd", "cpu"), ("navigation2d", "batched + factored", "cpu")]
+        ("navigation2d", "gymnasium + autograd", "cpu"), ("navigation2d", "batched + factored (autograd)", "cpu"),
+        ("navigation2d", "batched + factored", "cpu")]
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "halfcheetah_dir" and results["training"]["iterations"] == 2
     assert len(results["training_log"]) == 2  # the return during training, every iteration

@@ -150,18 +150,23 @@ def test_meta_fisher_vector_products_agree_with_dense_hessian():
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-def test_factored_meta_fisher_equals_the_dense_hessian_of_the_kl(first_order):
-    """meta_fisher_operator's mean_i J_i K_i J_i against the dense Hessian of the mean KL through the
-    inner step (second order) or past it (first order), and against the double-backward path."""
-    policy = tiny_policy(hidden=(3,))
+@pytest.mark.parametrize(("closed_form", "activation", "hidden"), [
+    (True, "tanh", (3, 4)), (True, "relu", (4, 3)), (True, "tanh", ()), (False, "tanh", (3,))])
+def test_factored_meta_fisher_equals_the_dense_hessian_of_the_kl(first_order, closed_form, activation, hidden):
+    """meta_fisher_operator's mean_i J_i K_i J_i, in closed form layer by layer or by autograd, against the
+    dense Hessian of the mean KL through the inner step (second order) or past it (first order), and
+    against the double-backward path."""
+    torch.manual_seed(1)
+    policy = GaussianPolicy(3, 2, hidden, activation, init_std=0.7).double()
     params = {k: p.detach() for k, p in policy.named_parameters()}
     batch = meta_batch(policy, params)
+    assert batch.pre.mask.min() == 0  # episodes that end early: the mask's weights are covered
 
     def kl(p):
         return pg.meta_objective(policy, p, batch, 0.1, 1, first_order)[1]
 
     dense = gc.dense_hessian(kl, params)
-    product = pg.meta_fisher_operator(policy, params, batch, 0.1, first_order)
+    product = pg.meta_fisher_operator(policy, params, batch, 0.1, first_order, closed_form)
     gen = torch.Generator().manual_seed(4)
     for _ in range(3):
         v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
@@ -227,7 +232,48 @@ def test_trpo_step_improves_and_respects_the_trust_region():
     assert float(kl) > 0.001  # it used the trust region, not a negligible step
 
 
-@pytest.mark.parametrize("fisher", ["factored", "autograd"])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize(("activation", "hidden"), [("tanh", (3, 4)), ("relu", (4, 3)), ("tanh", ())])
+def test_closed_form_meta_gradient_equals_autograds(first_order, activation, hidden):
+    """ClosedFormMetaCurvature.gradient: the surrogate's gradient through the inner step (second order) or
+    past it (first order) and its value, against autograd on meta_objective, at parameters that sampled
+    the episodes and away from them (ratio not 1)."""
+    torch.manual_seed(2)
+    policy = GaussianPolicy(3, 2, hidden, activation, init_std=0.7).double()
+    params = {k: p.detach() for k, p in policy.named_parameters()}
+    batch = meta_batch(policy, params)
+    structure = pg.mlp_layers(policy)
+    for point in (params, {k: p + 0.05 * torch.randn_like(p) for k, p in params.items()}):
+        leaves = {k: p.clone().requires_grad_(True) for k, p in point.items()}
+        loss = pg.meta_objective(policy, leaves, batch, 0.1, 1, first_order)[0]
+        expected = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+        gradient, value = pg.ClosedFormMetaCurvature(*structure, point, batch, 0.1, first_order).gradient()
+        torch.testing.assert_close(value, loss.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(flatten(gradient), flatten(expected), rtol=1e-10, atol=1e-13)
+
+
+def test_the_closed_form_products_take_plain_mlp_policies_only():
+    """mlp_layers finds the layers of a Gaussian MLP policy; a network it cannot read in closed form (another
+    activation) makes meta_fisher_operator use autograd's products, still exact."""
+    from metarun.meta.mlp_curvature import mlp_layers
+
+    relu = GaussianPolicy(3, 2, (4, 5), "relu")
+    assert mlp_layers(relu) == ([("mean.net.0.weight", "mean.net.0.bias"), ("mean.net.2.weight", "mean.net.2.bias"),
+                                 ("mean.net.4.weight", "mean.net.4.bias")], "relu")
+    assert mlp_layers(tiny_policy())[1] == "tanh"
+    torch.manual_seed(0)
+    policy = tiny_policy()
+    policy.mean.net[1] = torch.nn.Softplus()
+    assert mlp_layers(policy) is None
+    params = {k: p.detach() for k, p in policy.named_parameters()}
+    batch = meta_batch(policy, params)
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    expected = hvp_operator(lambda p: pg.meta_objective(policy, p, batch, 0.1)[1], params)(v)
+    torch.testing.assert_close(flatten(pg.meta_fisher_operator(policy, params, batch, 0.1)(v)), flatten(expected),
+                               rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("fisher", ["factored", "factored_autograd", "autograd"])
 def test_maml_trpo_outer_step_with_either_fisher_product(fisher):
     """The algorithm's outer step takes the same TRPO step with the factored Fisher as with the double
     backward (float64), and keeps the parameters where they were."""
@@ -246,7 +292,7 @@ def test_maml_trpo_outer_step_with_either_fisher_product(fisher):
     assert stats.step_fraction > 0
     for k in params:
         torch.testing.assert_close(new[k], reference[k], rtol=1e-8, atol=1e-10)
-    with pytest.raises(MetarunError, match="algorithm.fisher=hessian: must be one of factored, autograd"):
+    with pytest.raises(MetarunError, match="algorithm.fisher=hessian: must be one of factored, factored_autograd, autograd"):
         MAMLTRPO(OmegaConf.structured(RLAlgorithmConfig(fisher="hessian")), policy)
 
 

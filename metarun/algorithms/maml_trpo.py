@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from metarun.meta import policy_gradient as pg
+from metarun.meta.mlp_curvature import mlp_layers
 from metarun.meta.trpo import trpo_step
 from metarun.types import Params, Rollouts
 from metarun.utils.errors import MetarunError
@@ -95,11 +96,15 @@ class MAMLTRPO(nn.Module):
         def objective(p):
             return pg.meta_objective(policy, p, batch, alg.inner_lr, alg.inner_steps, alg.first_order)
 
-        fisher = None
-        if self.fisher == "factored" and alg.inner_steps == 1:
-            fisher = pg.meta_fisher_operator(policy, params, batch, alg.inner_lr, alg.first_order)
+        fisher = gradient = None
+        structure = mlp_layers(policy) if self.fisher == "factored" else None
+        if structure is not None and alg.inner_steps == 1:  # the gradient and the products in closed form
+            curvature = pg.ClosedFormMetaCurvature(*structure, params, batch, alg.inner_lr, alg.first_order)
+            fisher, gradient = curvature.fisher, curvature.gradient
+        elif self.fisher != "autograd" and alg.inner_steps == 1:
+            fisher = pg.meta_fisher_operator(policy, params, batch, alg.inner_lr, alg.first_order, closed_form=False)
         new, stats = trpo_step(params, objective, alg.max_kl, alg.cg_iterations, alg.cg_damping,
-                               alg.backtrack_ratio, alg.line_search_steps, reduce, fisher)
+                               alg.backtrack_ratio, alg.line_search_steps, reduce, fisher, gradient)
         return to_device(new, home), stats
 
     def adapt_step(self, params: Params, rollouts: Rollouts, lr: float) -> Params:
@@ -110,7 +115,7 @@ class MAMLTRPO(nn.Module):
         return {k: v.detach() for k, v in fast.items()}
 
 
-FISHER_PRODUCTS = ("factored", "autograd")
+FISHER_PRODUCTS = ("factored", "factored_autograd", "autograd")
 
 
 def to_device(tree, device: torch.device):

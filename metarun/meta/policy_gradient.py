@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from metarun.meta.inner import adapt
+from metarun.meta.mlp_curvature import MLPCurvature, OutputCurvature, mlp_layers
 from metarun.types import Params, Rollouts
 
 
@@ -183,7 +184,7 @@ def meta_objective(policy: nn.Module, params: Params, batch: MetaBatch, inner_lr
 
 
 def meta_fisher_operator(policy: nn.Module, params: Params, batch: MetaBatch, inner_lr: float,
-                         first_order: bool = False) -> Callable[[Params], Params]:
+                         first_order: bool = False, closed_form: bool = True) -> Callable[[Params], Params]:
     """``v -> F v``: the Hessian of :func:`meta_objective`'s mean KL at ``params``, for one inner step,
     without differentiating through the inner step twice.
 
@@ -200,7 +201,14 @@ def meta_fisher_operator(policy: nn.Module, params: Params, batch: MetaBatch, in
     gradient through the inner step (``hvp_operator`` of the KL, the general path) also carries the
     third derivatives of ``L_i`` that multiply the vanishing gradient. ``tests/test_rl_core.py`` holds the
     two equal in float64.
+
+    ``closed_form`` (default), when the policy's mean is a plain MLP: the three products in closed form
+    layer by layer (:mod:`metarun.meta.mlp_curvature`), about half the time of autograd's; otherwise, or
+    with ``closed_form=False``, autograd's double backward through the gradients' graphs.
     """
+    structure = mlp_layers(policy) if closed_form else None
+    if structure is not None:
+        return ClosedFormMetaCurvature(*structure, params, batch, inner_lr, first_order).fisher
     pre, post = batch.pre, batch.post
     tasks = pre.observations.shape[0]
     names = list(params)
@@ -237,6 +245,96 @@ def meta_fisher_operator(policy: nn.Module, params: Params, batch: MetaBatch, in
         return {k: x.mean(dim=0).detach() for k, x in zip(names, w)}
 
     return product
+
+
+class ClosedFormMetaCurvature:
+    """MAML-TRPO's meta-gradient and Fisher-vector products (``mean_i J_i K_i J_i``, see
+    :func:`meta_fisher_operator`) in closed form for a policy whose mean is a plain MLP, from
+    :class:`MLPCurvature`: ``H_i`` is the Hessian of the REINFORCE loss ``sum_n c_n (|z_n|^2 / 2 + sum(s))``
+    (``z = (a - mu) e^-s``, ``c_n = A_n m_n / M``) at ``params``, ``K_i`` that of the KL at the adapted
+    parameters (where its gradient is zero), and the meta-gradient ``mean_i J_i g_i`` with ``g_i`` the
+    surrogate's gradient at task ``i``'s adapted parameters. One forward pass per episode batch serves the
+    gradient and every product; ``tests/test_rl_core.py`` holds both equal to autograd's in float64.
+
+    Args:
+        layers, activation: :func:`mlp_layers` of the policy.
+        params, batch, inner_lr, first_order: as :func:`meta_objective`.
+    """
+
+    def __init__(self, layers: list[tuple[str, str]], activation: str, params: Params, batch: MetaBatch,
+                 inner_lr: float, first_order: bool = False):
+        pre, post = batch.pre, batch.post
+        self.tasks = tasks = pre.observations.shape[0]
+        self.names, self.inner_lr, self.first_order = list(params), inner_lr, first_order
+        self.weights, self.biases = [w for w, _ in layers], [b for _, b in layers]
+        with torch.no_grad():
+            log_std = params["log_std"].expand(tasks, -1)
+            self.pre_net = MLPCurvature(self._per_task(self.weights, params), self._per_task(self.biases, params),
+                                        activation, _samples(pre.observations))
+            mask = pre.mask.reshape(tasks, -1)
+            c = (batch.pre_adv.reshape(tasks, -1) * mask / mask.sum(1, keepdim=True)).unsqueeze(-1)
+            inv_var = torch.exp(-2 * log_std).unsqueeze(1)
+            residual = _samples(pre.actions) - self.pre_net.mean
+            grad_mu = -c * residual * inv_var
+            z2 = residual**2 * inv_var
+            grad_w, grad_b = self.pre_net.set_curvature(
+                OutputCurvature(grad_mu, c * inv_var, -2 * grad_mu, 2 * (c * z2).sum(1)))
+            grad_s = (c * (1 - z2)).sum(1)
+            # the adapted parameters and the KL's curvature there (mean = old mean: zero gradient)
+            fast_w = [w - inner_lr * g for w, g in zip(self.pre_net.weights, grad_w)]
+            fast_b = [b - inner_lr * g for b, g in zip(self.pre_net.biases, grad_b)]
+            self.fast_log_std = log_std - inner_lr * grad_s
+            fast_inv_var = torch.exp(-2 * self.fast_log_std).unsqueeze(1)
+            self.post_net = MLPCurvature(fast_w, fast_b, activation, _samples(post.observations))
+            mask = post.mask.reshape(tasks, -1)
+            self.post_weight = (mask / mask.sum(1, keepdim=True)).unsqueeze(-1)
+            spread = torch.exp(2 * batch.old_log_std).unsqueeze(1) + (_samples(batch.old_mean) - self.post_net.mean) ** 2
+            self.post_net.set_curvature(OutputCurvature(
+                None, self.post_weight * fast_inv_var, None, 2 * (self.post_weight * spread * fast_inv_var).sum(1)))
+        self.batch = batch
+
+    def _per_task(self, names: list[str], source: Params) -> list[Tensor]:
+        return [source[k].expand(self.tasks, *source[k].shape) for k in names]
+
+    def _jacobian(self, dw: list[Tensor], db: list[Tensor], ds: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """``J_i u_i = u_i - alpha H_i u_i`` for every task (``u_i`` itself when first order)."""
+        if self.first_order:
+            return dw, db, ds
+        hw, hb, hs = self.pre_net.product(dw, db, ds)
+        lr = self.inner_lr
+        return [x - lr * h for x, h in zip(dw, hw)], [x - lr * h for x, h in zip(db, hb)], ds - lr * hs
+
+    def _task_mean(self, dw: list[Tensor], db: list[Tensor], ds: Tensor) -> Params:
+        out = {**dict(zip(self.weights, dw)), **dict(zip(self.biases, db)), "log_std": ds}
+        return {k: out[k].mean(dim=0) for k in self.names}
+
+    def gradient(self) -> tuple[Params, Tensor]:
+        """The gradient of :func:`meta_objective`'s surrogate loss at ``params``, and the loss."""
+        post, batch = self.batch.post, self.batch
+        with torch.no_grad():
+            log_prob = gaussian_log_prob(self.post_net.mean, self.fast_log_std.unsqueeze(1), _samples(post.actions))
+            ratio = torch.exp(log_prob - batch.old_log_prob.reshape(self.tasks, -1))
+            weight = (batch.post_adv.reshape(self.tasks, -1) * ratio).unsqueeze(-1) * self.post_weight
+            residual = _samples(post.actions) - self.post_net.mean
+            inv_var = torch.exp(-2 * self.fast_log_std).unsqueeze(1)
+            grad_w, grad_b = self.post_net.backward(-weight * residual * inv_var)
+            grad_s = -(weight * (residual**2 * inv_var - 1)).sum(1)
+            loss = -weight.sum(dim=(1, 2)).mean()
+            return self._task_mean(*self._jacobian(grad_w, grad_b, grad_s)), loss
+
+    def fisher(self, v: Params) -> Params:
+        """``F v``: the Hessian of :func:`meta_objective`'s mean KL at ``params`` times ``v``."""
+        if set(v) != set(self.names):
+            raise ValueError(f"v has keys {sorted(v)}, params has {sorted(self.names)}")
+        with torch.no_grad():
+            u = self._jacobian(self._per_task(self.weights, v), self._per_task(self.biases, v),
+                               v["log_std"].expand(self.tasks, -1))
+            return self._task_mean(*self._jacobian(*self.post_net.product(*u)))
+
+
+def _samples(x: Tensor) -> Tensor:
+    """``[tasks, trajectories, horizon, d]`` -> ``[tasks, trajectories * horizon, d]``."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def old_policy_stats(policy: nn.Module, fast: Params, post: Rollouts) -> tuple[Tensor, Tensor, Tensor]:

@@ -59,7 +59,8 @@ def trpo_step(params: Params, objective: Callable[[Params], tuple[Tensor, Tensor
               cg_iterations: int = 10, cg_damping: float = 1e-5, backtrack_ratio: float = 0.8,
               line_search_steps: int = 15,
               reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
-              fisher: Callable[[Params], Params] | None = None) -> tuple[Params, TRPOStats]:
+              fisher: Callable[[Params], Params] | None = None,
+              gradient: Callable[[], tuple[Params, Tensor]] | None = None) -> tuple[Params, TRPOStats]:
     """One TRPO update of ``params``.
 
     Args:
@@ -75,13 +76,18 @@ def trpo_step(params: Params, objective: Callable[[Params], tuple[Tensor, Tensor
         fisher: ``v -> F v`` at ``params`` when the caller has a cheaper exact form (MAML-TRPO:
             :func:`metarun.meta.policy_gradient.meta_fisher_operator`); None: the Hessian of the
             objective's KL by double backward (:func:`metarun.meta.hvp_operator`).
+        gradient: ``() -> (gradient, surrogate loss)`` at ``params`` when the caller has a cheaper exact form
+            (:class:`metarun.meta.policy_gradient.ClosedFormMetaCurvature`); None: autograd on ``objective``.
 
     Returns:
         the new parameters (``params`` unchanged when no step is accepted) and statistics.
     """
     reduce = reduce or (lambda tensors: tensors)
     params = {k: p.detach() for k, p in params.items()}
-    g, (loss_before, _) = grad_and_value(objective, has_aux=True)(params)  # one pass for both
+    if gradient is None:
+        g, (loss_before, _) = grad_and_value(objective, has_aux=True)(params)  # one pass for both
+    else:
+        g, loss_before = gradient()
     g, loss_before = reduce([flatten(g), loss_before.detach()])
 
     kl_hessian = fisher or hvp_operator(lambda p: objective(p)[1], params)  # the Fisher at params
