@@ -125,7 +125,9 @@ class LocomotionTaskConfig:
     name: str = "halfcheetah_vel"
     horizon: int = 200
     num_workers: int = 1
-    sampler: str = "batched"  # batched: each process's envs simulated on `threads` threads; gymnasium: one by one
+    # batched: the cheetah's envs in MuJoCo's rollout, the Ant's as threads; threads: each process's envs in
+    # chunks on `threads` threads; gymnasium: one by one (envs/locomotion.py LocomotionTasks)
+    sampler: str = "batched"
     threads: int = 0  # the batched sampler's threads per process; 0: as many as trainer.num_threads
     # passed to gymnasium's robot class, e.g. `+task.env_kwargs.terminate_when_unhealthy=false` (Ant)
     env_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -352,23 +352,25 @@ def policy_of_observations(sampler, seed=0):
     return lambda observations: 2.0 * torch.tanh(observations @ weights)
 
 
+@pytest.mark.parametrize("sampler", ["threads", "batched"])
 @pytest.mark.parametrize("name", NAMES)
-def test_batched_sampler_gives_the_trajectories_of_the_gymnasium_loop(name):
-    """The batched sampler against the same envs stepped one after another: the Ant's envs on threads, in
-    chunks of unequal size, give the very same trajectories; the cheetah's, in MuJoCo's rollout, the same up
-    to the constraint solver's cold start at each step (float32 rounding over these 40 steps)."""
+def test_batched_samplers_give_the_trajectories_of_the_gymnasium_loop(name, sampler):
+    """The batched samplers against the same envs stepped one after another: envs on threads, in chunks of
+    unequal size (``threads``, and ``batched`` for the Ant), give the very same trajectories; the cheetah's
+    in MuJoCo's rollout (``batched``), the same up to the constraint solver's cold start at each step
+    (float32 rounding over these 40 steps)."""
     horizon = 40
+    native = sampler == "batched" and name.startswith("halfcheetah")
     with (LocomotionTasks(name, horizon=horizon, sampler="gymnasium") as gymnasium_loop,
-          LocomotionTasks(name, horizon=horizon, sampler="batched", threads=3) as batched):
+          LocomotionTasks(name, horizon=horizon, sampler=sampler, threads=3) as batched):
         assert (gymnasium_loop.threads, batched.threads) == (1, 3)
         tasks = batched.sample_tasks(3, torch.Generator().manual_seed(5))
         reference = gymnasium_loop.rollout(policy_of_observations(batched), tasks, 4, seed=11)  # 12 envs
         data = batched.rollout(policy_of_observations(batched), tasks, 4, seed=11)
         group = batched._samplers[12].group
-        assert group.threads == 3
-        assert (group._native is None) == name.startswith("ant") and (group._pool is None) != name.startswith("ant")
+        assert group.threads == 3 and (group._native is not None) == native and (group._pool is None) == native
     for field in ("observations", "actions", "rewards", "mask"):
-        if name.startswith("ant"):
+        if not native:
             assert torch.equal(getattr(data, field), getattr(reference, field)), field
         else:
             torch.testing.assert_close(getattr(data, field), getattr(reference, field), rtol=1e-5, atol=1e-5)
@@ -414,8 +416,9 @@ def test_the_cheetahs_batched_step_is_gymnasiums_physics(threads):
     env.close()
 
 
-@pytest.mark.parametrize("name", ["halfcheetah_dir", "ant_vel"])
-def test_batched_sampler_follows_gymnasiums_own_env(name):
+@pytest.mark.parametrize(("name", "sampler"), [("halfcheetah_dir", "batched"), ("halfcheetah_dir", "threads"),
+                                               ("ant_vel", "batched")])
+def test_batched_sampler_follows_gymnasiums_own_env(name, sampler):
     """Each env of a batched rollout against gymnasium's own v5 env (``gymnasium.make``), reset with the
     same seed and given the same (clipped) actions: the same observations and terminations at every step,
     and the task's reward computed from gymnasium's state after each step as rllab did."""
@@ -423,7 +426,7 @@ def test_batched_sampler_follows_gymnasiums_own_env(name):
 
     horizon, trajectories = 30, 3
     task = TASKS[name]
-    with LocomotionTasks(name, horizon=horizon, sampler="batched", threads=2) as batched:
+    with LocomotionTasks(name, horizon=horizon, sampler=sampler, threads=2) as batched:
         data = batched.rollout(policy_of_observations(batched, seed=1), [task], trajectories, seed=4)
         seeds = np.random.SeedSequence([batched.seed, 4]).generate_state(trajectories)
     spec = ENVIRONMENTS[name]
@@ -455,5 +458,5 @@ def test_batched_sampler_follows_gymnasiums_own_env(name):
 
 
 def test_unknown_sampler_is_a_one_line_error():
-    with pytest.raises(MetarunError, match="unknown sampler 'fast'; known: batched, gymnasium"):
+    with pytest.raises(MetarunError, match="unknown sampler 'fast'; known: batched, threads, gymnasium"):
         LocomotionTasks("halfcheetah_dir", sampler="fast")

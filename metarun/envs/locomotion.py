@@ -38,10 +38,8 @@ sees short Ant episodes; ``env_kwargs={"terminate_when_unhealthy": False}`` turn
 Sampling: ``LocomotionTasks.rollout`` steps ``tasks * trajectories`` environments together, in this process
 (``num_workers=1``) or split into ``num_workers`` groups, one per ``gymnasium.vector.AsyncVectorEnv``
 worker process; the environments are made once and reused between calls. Envs whose episode has ended
-are not simulated further. Measured on 2 CPU cores with another training job on one of them, 40 tasks x
-20 trajectories x 200 steps of HalfCheetah with a 100x100 MLP policy: 11,000-12,000 steps/s in process,
-14,000-15,000 with 2 workers (one process per env, gymnasium's usual layout, is slower than in process
-there). Example::
+are not simulated further. The ``sampler`` argument of :class:`LocomotionTasks` picks how a process steps
+its envs (MuJoCo's rollout for the cheetah by default); docs/speed.md measures each. Example::
 
     tasks = LocomotionTasks("halfcheetah_vel", horizon=200)
     batch = tasks.sample_tasks(40, torch.Generator().manual_seed(0))
@@ -65,7 +63,7 @@ import torch
 from metarun.types import Rollouts
 from metarun.utils.errors import DivergedError, MetarunError
 
-SAMPLERS = ("batched", "gymnasium")
+SAMPLERS = ("batched", "threads", "gymnasium")
 INSTALL_HINT = "install them with `pip install 'gymnasium[mujoco]'` (or `make install`)"
 
 # Coefficients of the paper's code (cbfinn/maml_rl, rllab/envs/mujoco/*_rand*.py).
@@ -352,21 +350,23 @@ class _EnvGroupMixin:
     count as terminated. Per-env rewards and terminations travel in the info dict.
     """
 
-    def __init__(self, name: str, start: int, count: int, slots: int, env_kwargs: dict[str, Any], threads: int = 0):
+    def __init__(self, name: str, start: int, count: int, slots: int, env_kwargs: dict[str, Any], threads: int = 0,
+                 native: bool = True):
         from gymnasium.spaces import Box
 
         self.envs = [make_env(name, **env_kwargs) for _ in range(count)]
         self.start, self.slots = start, slots
-        # threads 0: gymnasium's loop (each env's own step, one after another); >= 1: batched stepping, the
-        # envs split into one chunk per thread, each chunk simulated on its own thread
+        # threads 0: gymnasium's loop (each env's own step, one after another); >= 1: batched stepping, in
+        # MuJoCo's rollout (`native`, the cheetah) or the envs split into one chunk per thread, each chunk
+        # simulated on its own thread
         self.batched = threads > 0
         self.threads = max(1, min(threads, count))
         self._chunks = [list(chunk) for chunk in np.array_split(np.arange(count), self.threads)]
         single = self.envs[0]
         # the cheetah's batched step runs in MuJoCo (its rollout); the Ant's needs per-env calls (contact
         # forces, termination), each chunk of envs stepped on a Python thread
-        self._native = _NativeStepper(single, count, self.threads) if self.batched and not single._task_spec.is_ant \
-            else None
+        native = native and self.batched and not single._task_spec.is_ant
+        self._native = _NativeStepper(single, count, self.threads) if native else None
         threaded = self.threads > 1 and self._native is None
         self._pool = ThreadPoolExecutor(self.threads, "metarun-mujoco") if threaded else None
         obs_dim = single.observation_space.shape[0]
@@ -510,9 +510,10 @@ def make_env(name: str, task: dict | None = None, **env_kwargs: Any):
         ) from error
 
 
-def _make_group(name: str, start: int, count: int, slots: int, env_kwargs: dict[str, Any], threads: int = 0):
+def _make_group(name: str, start: int, count: int, slots: int, env_kwargs: dict[str, Any], threads: int = 0,
+                native: bool = True):
     """An env group (module-level so that worker processes can unpickle it)."""
-    return _backend().group_class(name, start, count, slots, env_kwargs, threads)
+    return _backend().group_class(name, start, count, slots, env_kwargs, threads, native)
 
 
 class _SyncSampler:
@@ -524,8 +525,8 @@ class _SyncSampler:
     the episode's end: 2,600 against 7,700 steps/s). The group skips them.
     """
 
-    def __init__(self, name: str, n: int, env_kwargs: dict[str, Any], threads: int = 0):
-        self.group = _make_group(name, 0, n, n, env_kwargs, threads)
+    def __init__(self, name: str, n: int, env_kwargs: dict[str, Any], threads: int = 0, native: bool = True):
+        self.group = _make_group(name, 0, n, n, env_kwargs, threads, native)
 
     def reset(self, tasks: list[dict], seeds: list[int]) -> np.ndarray:
         self.group.tasks = tasks
@@ -542,7 +543,8 @@ class _SyncSampler:
 class _AsyncSampler:
     """``n`` task envs split into groups over at most ``workers`` processes (``AsyncVectorEnv``)."""
 
-    def __init__(self, name: str, n: int, workers: int, env_kwargs: dict[str, Any], threads: int = 0):
+    def __init__(self, name: str, n: int, workers: int, env_kwargs: dict[str, Any], threads: int = 0,
+                 native: bool = True):
         gym = _backend().gym
         self.n = n
         self.slots = math.ceil(n / workers)
@@ -550,7 +552,7 @@ class _AsyncSampler:
         fns = [
             functools.partial(
                 _make_group, name, g * self.slots, min(self.slots, n - g * self.slots), self.slots, env_kwargs,
-                threads,
+                threads, native,
             )
             for g in range(groups)
         ]
@@ -596,10 +598,14 @@ class LocomotionTasks:
         num_workers: 1 steps every env in this process; more splits the envs into that many groups, each
             stepped by its own process (``AsyncVectorEnv``, forked when the first rollout of a size runs).
             Results do not depend on it.
-        sampler: ``batched`` (default) simulates a process's envs on ``threads`` threads at each step, one
-            chunk of envs per thread (MuJoCo releases the GIL while it steps); ``gymnasium`` steps them one
-            after another, as gymnasium's own loop does. Both make the same calls on every env: the
-            trajectories are identical.
+        sampler: how a process's envs are stepped at each step. ``batched`` (default): the fastest way for
+            the robot: the cheetah's envs in one call of MuJoCo's rollout on ``threads`` native threads
+            (:class:`_NativeStepper`: gymnasium's physics step by step to float64 rounding, but without the
+            solver's warm start between steps, so whole episodes drift apart from gymnasium's as a chaotic
+            system's do), the Ant's as ``threads``. ``threads``: one chunk of envs per thread, each env
+            making its own MuJoCo calls (MuJoCo releases the GIL while it steps). ``gymnasium``: one env
+            after another, as gymnasium's own loop does. ``threads`` and ``gymnasium`` make the same calls
+            on every env: their trajectories are identical.
         threads: the batched sampler's threads per process; 0 (default): as many as torch's threads (the
             run's ``trainer.num_threads``), divided among the ``num_workers`` processes.
         env_kwargs: passed to gymnasium's robot class, e.g. ``{"include_cfrc_ext_in_observation": False}``.
@@ -660,9 +666,11 @@ class LocomotionTasks:
     def _sampler(self, n: int) -> _SyncSampler | _AsyncSampler:
         if n not in self._samplers:
             if self.num_workers > 1:
-                self._samplers[n] = _AsyncSampler(self.name, n, self.num_workers, self.env_kwargs, self._group_threads)
+                self._samplers[n] = _AsyncSampler(self.name, n, self.num_workers, self.env_kwargs, self._group_threads,
+                                                  self.sampler == "batched")
             else:
-                self._samplers[n] = _SyncSampler(self.name, n, self.env_kwargs, self._group_threads)
+                self._samplers[n] = _SyncSampler(self.name, n, self.env_kwargs, self._group_threads,
+                                                 self.sampler == "batched")
         return self._samplers[n]
 
     def rollout(
