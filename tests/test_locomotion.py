@@ -378,15 +378,16 @@ def test_batched_samplers_give_the_trajectories_of_the_gymnasium_loop(name, samp
         assert 0 < (data.mask[:, :, -1] == 0).sum() < 12
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_cheetahs_batched_step_is_gymnasiums_physics(threads):
+@pytest.mark.parametrize(("threads", "env_kwargs"), [
+    (1, {}), (2, {}), (1, {"exclude_current_positions_from_observation": False, "reset_noise_scale": 0.3})])
+def test_the_cheetahs_batched_step_is_gymnasiums_physics(threads, env_kwargs):
     """One step of MuJoCo's rollout (the cheetah's batched sampler) from gymnasium's own states under the same
     actions: the state gymnasium's env reaches to float64 rounding (only the solver's warm start differs),
-    its observation, and the reward from rllab's velocity at that state."""
+    its observation (with the env's options), and the reward from rllab's velocity at that state."""
     import gymnasium
 
-    env = gymnasium.make("HalfCheetah-v5").unwrapped
-    group = locomotion._make_group("halfcheetah_dir", 0, 3, 3, {}, threads)
+    env = gymnasium.make("HalfCheetah-v5", **env_kwargs).unwrapped
+    group = locomotion._make_group("halfcheetah_dir", 0, 3, 3, env_kwargs, threads)
     group.tasks = [{"direction": 1}, {"direction": -1}, {"direction": 1}]
     group.reset(options={"seeds": [0, 1, 2]})
     rng = np.random.default_rng(0)

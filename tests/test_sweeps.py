@@ -18,8 +18,9 @@ import yaml
 from tests.conftest import DATA_DIR, require_data
 
 pytestmark = pytest.mark.smoke
-# long enough to be interrupted mid-training, short enough for the suite (~10 s a job on one thread)
-LONG = ["debug=smoke", "trainer.iterations=3000", "trainer.val_interval=1000", "trainer.checkpoint_interval=1000",
+# long enough to be interrupted mid-training (1,500 iterations, ~5 s, after the first checkpoint), short
+# enough for the suite (~7 s a job on one thread)
+LONG = ["debug=smoke", "trainer.iterations=2000", "trainer.val_interval=1000", "trainer.checkpoint_interval=500",
         "trainer.log_interval=100", "algorithm.batching=vmap"]
 TIMING = {"train_seconds", "ms_per_iteration", "peak_memory_mb"}  # what differs between attempts
 

@@ -318,6 +318,8 @@ class _NativeStepper:
             warnings.filterwarnings("ignore", message=".*settotalmass")
             self.model = spec.compile()
         self.frame_skip = env.frame_skip
+        # the state is time, qpos, qvel; gymnasium's observation is qpos[1:] (or all of it) and qvel
+        self._observed = slice(1 + int(env._exclude_current_positions_from_observation), 1 + self.model.nq + self.model.nv)
         self.full = mujoco.mjtState.mjSTATE_FULLPHYSICS
         self.states = np.zeros((count, mujoco.mj_stateSize(self.model, self.full)))
         self._data = [mujoco.MjData(self.model) for _ in range(threads)]
@@ -329,8 +331,9 @@ class _NativeStepper:
         self._mujoco.mj_getState(env.model, env.data, self.states[i], self.full)
 
     def observations(self) -> np.ndarray:
-        """gymnasium's HalfCheetah observation of every env: ``qpos[1:]`` and ``qvel``."""
-        return self.states[:, 2 : 1 + self.model.nq + self.model.nv]  # the state is time, qpos, qvel
+        """gymnasium's HalfCheetah observation of every env: ``qpos[1:]`` (``qpos`` if the env's
+        ``exclude_current_positions_from_observation`` is False) and ``qvel``."""
+        return self.states[:, self._observed]
 
     def step(self, actions: np.ndarray) -> np.ndarray:
         """Step every env under its (clipped) action; the forward velocity of each after its step."""
