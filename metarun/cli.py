@@ -630,11 +630,7 @@ def main() -> None:
         _join_torchrun()
         hydra_main()
         if sweep.STOPPED_JOBS:
-            stopped, jobs, interrupted, sweep_dir = sweep.STOPPED_JOBS
-            again = (f"; the same command with hydra.sweep.dir={sweep_dir} resumes the {interrupted} interrupted one(s) "
-                     "from their checkpoints" if interrupted else "")
-            print(f"metarun: {stopped} of {jobs} sweep jobs did not finish (their status is in the summary above){again}",
-                  file=sys.stderr)
+            print(sweep.STOPPED_JOBS[0].message(), file=sys.stderr)
             sys.exit(1)
         distributed.finish()
     except (_UserError, Exception) as exc:

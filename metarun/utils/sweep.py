@@ -10,6 +10,7 @@ import json
 import math
 import signal
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 from hydra.experimental.callback import Callback
@@ -20,8 +21,24 @@ from metarun.utils.checkpoint import atomic_file
 
 ERROR_FILE = "error.txt"  # why a sweep job stopped (written by the job; read into the status column)
 INTERRUPTED_FILE = "interrupted.txt"  # a job stopped by a signal, to be resumed (removed when it resumes)
-STOPPED_JOBS: list = []  # [jobs that did not finish, jobs, of them interrupted, sweep folder] once a sweep has
-                         # ended with some; main() exits 1
+
+
+class StoppedJobs(NamedTuple):
+    """A sweep that ended with jobs that did not finish."""
+
+    stopped: int  # jobs that did not finish
+    jobs: int
+    interrupted: int  # of the stopped ones, those a signal stopped at a checkpoint
+    sweep_dir: str
+
+    def message(self) -> str:
+        """The sweep's last line: how many did not finish, and how to resume the interrupted ones."""
+        again = (f"; the same command with hydra.sweep.dir={self.sweep_dir} resumes the {self.interrupted} "
+                 "interrupted one(s) from their checkpoints" if self.interrupted else "")
+        return f"metarun: {self.stopped} of {self.jobs} sweep jobs did not finish (their status is in the summary above){again}"
+
+
+STOPPED_JOBS: list[StoppedJobs] = []  # holds the sweep's once it has ended with jobs that did not finish; main() exits 1
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict]:
@@ -125,4 +142,4 @@ class SweepSummary(Callback):
             print(f"sweep summary ({len(rows)} jobs; also in {path}):\n{summary_table(rows)}")
             stopped = sum(r["status"] != "ok" for r in rows)
             interrupted = sum(r["status"].startswith("interrupted") for r in rows)
-            STOPPED_JOBS[:] = [stopped, len(rows), interrupted, str(sweep_dir)] if stopped else []
+            STOPPED_JOBS[:] = [StoppedJobs(stopped, len(rows), interrupted, str(sweep_dir))] if stopped else []
