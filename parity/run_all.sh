@@ -32,8 +32,9 @@ for a in ${ALGORITHMS:-maml fomaml anil metasgd mamlpp}; do
         "$MAMLPP_PYTHON" parity/mamlpp/reference.py --ref "$MAMLPP_REF" --steps "$STEPS" --eval-every "$EVERY" \
           --seed "$s" --out "$out"
       else
+        test_steps=3; [ "$a" = metasgd ] && test_steps=1  # Meta-SGD is tested after its one step (paper, preset)
         "$L2L_PYTHON" parity/learn2learn/reference.py --algorithm "$a" --seed "$s" --steps "$STEPS" \
-          --eval-every "$EVERY" --out "$out"
+          --eval-every "$EVERY" --test-steps "$test_steps" --out "$out"
       fi
       echo "$(date +%T) reference $out rc=$?"
     fi
