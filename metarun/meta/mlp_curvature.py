@@ -118,14 +118,14 @@ class MLPCurvature:
         if c.mu_s is not None:
             d_delta = d_delta + c.mu_s * ds.unsqueeze(1)
             h_s = h_s + (c.mu_s * d_mu).sum(1)
-        # backward: the directional derivative of each layer's gradient
-        h_w: list[Tensor] = [None] * len(self.weights)  # type: ignore[list-item]
-        h_b: list[Tensor] = [None] * len(self.weights)  # type: ignore[list-item]
+        # backward: the directional derivative of each layer's gradient, last layer first
+        h_w: list[Tensor] = []
+        h_b: list[Tensor] = []
         for i in range(len(self.weights) - 1, -1, -1):
-            h_w[i] = d_delta.transpose(1, 2) @ self.inputs[i]
+            h_w.insert(0, d_delta.transpose(1, 2) @ self.inputs[i])
             if with_delta and tangents_in[i] is not None:
-                h_w[i].baddbmm_(self._deltas[i].transpose(1, 2), tangents_in[i])
-            h_b[i] = d_delta.sum(1)
+                h_w[0].baddbmm_(self._deltas[i].transpose(1, 2), tangents_in[i])
+            h_b.insert(0, d_delta.sum(1))
             if i > 0:
                 d_input = d_delta @ self.weights[i]
                 if with_delta:
@@ -145,16 +145,11 @@ def mlp_layers(policy: nn.Module) -> tuple[list[tuple[str, str]], str] | None:
     net = getattr(getattr(policy, "mean", None), "net", None)
     if not isinstance(policy, GaussianPolicy) or not isinstance(net, nn.Sequential) or policy.mean.images:
         return None
-    layers, activations = [], set()
-    for index, module in enumerate(net):
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            layers.append((f"mean.net.{index}.weight", f"mean.net.{index}.bias"))
-        elif isinstance(module, (nn.ReLU, nn.Tanh)):
-            activations.add("relu" if isinstance(module, nn.ReLU) else "tanh")
-        else:
-            return None
-    kinds = [type(m) for m in net]
-    alternating = all((k is nn.Linear) == (i % 2 == 0) for i, k in enumerate(kinds)) and len(kinds) % 2 == 1
-    if not alternating or len(activations) > 1:
+    modules = list(net)  # Linear, activation, Linear, ..., Linear
+    linear, between = modules[0::2], {type(m) for m in modules[1::2]}
+    if len(modules) % 2 == 0 or not all(isinstance(m, nn.Linear) and m.bias is not None for m in linear):
         return None
-    return layers, activations.pop() if activations else "relu"
+    if not between <= {nn.ReLU, nn.Tanh} or len(between) > 1:
+        return None
+    layers = [(f"mean.net.{i}.weight", f"mean.net.{i}.bias") for i in range(0, len(modules), 2)]
+    return layers, "tanh" if nn.Tanh in between else "relu"
