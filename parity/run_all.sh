@@ -38,6 +38,13 @@ for a in ${ALGORITHMS:-maml fomaml anil metasgd mamlpp}; do
       fi
       echo "$(date +%T) reference $out rc=$?"
     fi
+    split=parity/runs/anil-split/reference/seed$s  # ANIL's reference with batch norm per half, as metarun's
+    if [ "$a" = anil ] && [ ! -f "$split/results.json" ]; then
+      rm -rf "$split"
+      "$L2L_PYTHON" parity/learn2learn/reference.py --algorithm anil --anil-features split --seed "$s" \
+        --steps "$STEPS" --eval-every "$EVERY" --out "$split"
+      echo "$(date +%T) reference $split rc=$?"
+    fi
     metarun_run "$a" "$s" "parity/runs/$a/metarun/seed$s"
     if [ "$a" != mamlpp ]; then  # and on learn2learn's network (docs/parity.md, MAML)
       metarun_run "$a" "$s" "parity/runs/$a/metarun-l2lcnn/seed$s" model=custom \
