@@ -153,7 +153,7 @@ def test_meta_fisher_vector_products_agree_with_dense_hessian():
 @pytest.mark.parametrize(("closed_form", "activation", "hidden"), [
     (True, "tanh", (3, 4)), (True, "relu", (4, 3)), (True, "tanh", ()), (False, "tanh", (3,))])
 def test_factored_meta_fisher_equals_the_dense_hessian_of_the_kl(first_order, closed_form, activation, hidden):
-    """meta_fisher_operator's mean_i J_i K_i J_i, in closed form layer by layer or by autograd, against the
+    """meta_curvature's mean_i J_i K_i J_i, in closed form layer by layer or by autograd, against the
     dense Hessian of the mean KL through the inner step (second order) or past it (first order), and
     against the double-backward path."""
     torch.manual_seed(1)
@@ -166,7 +166,8 @@ def test_factored_meta_fisher_equals_the_dense_hessian_of_the_kl(first_order, cl
         return pg.meta_objective(policy, p, batch, 0.1, 1, first_order)[1]
 
     dense = gc.dense_hessian(kl, params)
-    product = pg.meta_fisher_operator(policy, params, batch, 0.1, first_order, closed_form)
+    product, gradient = pg.meta_curvature(policy, params, batch, 0.1, first_order, closed_form)
+    assert (gradient is not None) == closed_form  # the closed form has its own meta-gradient
     gen = torch.Generator().manual_seed(4)
     for _ in range(3):
         v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
@@ -174,7 +175,7 @@ def test_factored_meta_fisher_equals_the_dense_hessian_of_the_kl(first_order, cl
         torch.testing.assert_close(flatten(product(v)), expected, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(flatten(product(v)), flatten(hvp_operator(kl, params)(v)), rtol=1e-9, atol=1e-12)
     if not first_order:  # the inner step's curvature is in it: the first-order Fisher differs
-        first = pg.meta_fisher_operator(policy, params, batch, 0.1, True)(v)
+        first = pg.meta_curvature(policy, params, batch, 0.1, True, closed_form)[0](v)
         assert (flatten(first) - expected).norm() > 1e-3 * expected.norm()
 
 
@@ -254,7 +255,7 @@ def test_closed_form_meta_gradient_equals_autograds(first_order, activation, hid
 
 def test_the_closed_form_products_take_plain_mlp_policies_only():
     """mlp_layers finds the layers of a Gaussian MLP policy; a network it cannot read in closed form (another
-    activation) makes meta_fisher_operator use autograd's products, still exact."""
+    activation) makes meta_curvature use autograd's products (and no gradient of its own), still exact."""
     from metarun.meta.mlp_curvature import mlp_layers
 
     relu = GaussianPolicy(3, 2, (4, 5), "relu")
@@ -269,8 +270,9 @@ def test_the_closed_form_products_take_plain_mlp_policies_only():
     batch = meta_batch(policy, params)
     v = {k: torch.randn_like(p) for k, p in params.items()}
     expected = hvp_operator(lambda p: pg.meta_objective(policy, p, batch, 0.1)[1], params)(v)
-    torch.testing.assert_close(flatten(pg.meta_fisher_operator(policy, params, batch, 0.1)(v)), flatten(expected),
-                               rtol=1e-9, atol=1e-12)
+    product, gradient = pg.meta_curvature(policy, params, batch, 0.1)
+    assert gradient is None
+    torch.testing.assert_close(flatten(product(v)), flatten(expected), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("fisher", ["factored", "factored_autograd", "autograd"])

@@ -20,7 +20,6 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from metarun.meta import policy_gradient as pg
-from metarun.meta.mlp_curvature import mlp_layers
 from metarun.meta.trpo import trpo_step
 from metarun.types import Params, Rollouts
 from metarun.utils.errors import MetarunError
@@ -97,12 +96,9 @@ class MAMLTRPO(nn.Module):
             return pg.meta_objective(policy, p, batch, alg.inner_lr, alg.inner_steps, alg.first_order)
 
         fisher = gradient = None
-        structure = mlp_layers(policy) if self.fisher == "factored" else None
-        if structure is not None and alg.inner_steps == 1:  # the gradient and the products in closed form
-            curvature = pg.ClosedFormMetaCurvature(*structure, params, batch, alg.inner_lr, alg.first_order)
-            fisher, gradient = curvature.fisher, curvature.gradient
-        elif self.fisher != "autograd" and alg.inner_steps == 1:
-            fisher = pg.meta_fisher_operator(policy, params, batch, alg.inner_lr, alg.first_order, closed_form=False)
+        if self.fisher != "autograd" and alg.inner_steps == 1:
+            fisher, gradient = pg.meta_curvature(policy, params, batch, alg.inner_lr, alg.first_order,
+                                                 closed_form=self.fisher == "factored")
         new, stats = trpo_step(params, objective, alg.max_kl, alg.cg_iterations, alg.cg_damping,
                                alg.backtrack_ratio, alg.line_search_steps, reduce, fisher, gradient)
         return to_device(new, home), stats

@@ -1,5 +1,5 @@
 """Hessian-vector products of a per-sample loss on an MLP's outputs, in closed form layer by layer, for
-many tasks at once (MAML-TRPO's Fisher-vector products, :func:`metarun.meta.policy_gradient.meta_fisher_operator`).
+many tasks at once (MAML-TRPO's Fisher-vector products, :func:`metarun.meta.policy_gradient.meta_curvature`).
 
 For ``mu = MLP(x; W, b)`` (linear layers, ReLU or tanh between them) and a loss ``sum_n l(mu_n, s)`` of the
 outputs and of a parameter ``s`` outside the network (the policy's log-std), the product of the loss's

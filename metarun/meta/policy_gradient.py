@@ -183,8 +183,25 @@ def meta_objective(policy: nn.Module, params: Params, batch: MetaBatch, inner_lr
     return losses.mean(), kls.mean()
 
 
+def meta_curvature(policy: nn.Module, params: Params, batch: MetaBatch, inner_lr: float, first_order: bool = False,
+                   closed_form: bool = True) -> tuple[Callable[[Params], Params], Callable[[], tuple[Params, Tensor]] | None]:
+    """MAML-TRPO's Fisher-vector product at ``params`` (one inner step) and, where it has one, a cheaper exact
+    meta-gradient (``() -> (gradient, surrogate loss)``) for :func:`metarun.meta.trpo.trpo_step`.
+
+    ``closed_form`` (default), when the policy's mean is a plain MLP: both in closed form layer by layer
+    (:class:`ClosedFormMetaCurvature`), about half the time of autograd's; otherwise, or with
+    ``closed_form=False``, :func:`meta_fisher_operator`'s products by autograd and no gradient (None:
+    ``trpo_step`` takes it by autograd).
+    """
+    structure = mlp_layers(policy) if closed_form else None
+    if structure is None:
+        return meta_fisher_operator(policy, params, batch, inner_lr, first_order), None
+    curvature = ClosedFormMetaCurvature(*structure, params, batch, inner_lr, first_order)
+    return curvature.fisher, curvature.gradient
+
+
 def meta_fisher_operator(policy: nn.Module, params: Params, batch: MetaBatch, inner_lr: float,
-                         first_order: bool = False, closed_form: bool = True) -> Callable[[Params], Params]:
+                         first_order: bool = False) -> Callable[[Params], Params]:
     """``v -> F v``: the Hessian of :func:`meta_objective`'s mean KL at ``params``, for one inner step,
     without differentiating through the inner step twice.
 
@@ -200,15 +217,9 @@ def meta_fisher_operator(policy: nn.Module, params: Params, batch: MetaBatch, in
     backward pass through a gradient graph built once, for every task at once; differentiating the KL's
     gradient through the inner step (``hvp_operator`` of the KL, the general path) also carries the
     third derivatives of ``L_i`` that multiply the vanishing gradient. ``tests/test_rl_core.py`` holds the
-    two equal in float64.
-
-    ``closed_form`` (default), when the policy's mean is a plain MLP: the three products in closed form
-    layer by layer (:mod:`metarun.meta.mlp_curvature`), about half the time of autograd's; otherwise, or
-    with ``closed_form=False``, autograd's double backward through the gradients' graphs.
+    two equal in float64. This is autograd's way, for any policy; :func:`meta_curvature` picks the closed
+    form where it applies.
     """
-    structure = mlp_layers(policy) if closed_form else None
-    if structure is not None:
-        return ClosedFormMetaCurvature(*structure, params, batch, inner_lr, first_order).fisher
     pre, post = batch.pre, batch.post
     tasks = pre.observations.shape[0]
     names = list(params)
@@ -284,7 +295,7 @@ class ClosedFormMetaCurvature:
             fast_w = [w - inner_lr * g for w, g in zip(self.pre_net.weights, grad_w)]
             fast_b = [b - inner_lr * g for b, g in zip(self.pre_net.biases, grad_b)]
             self.fast_log_std = log_std - inner_lr * grad_s
-            fast_inv_var = torch.exp(-2 * self.fast_log_std).unsqueeze(1)
+            self.fast_inv_var = fast_inv_var = torch.exp(-2 * self.fast_log_std).unsqueeze(1)
             self.post_net = MLPCurvature(fast_w, fast_b, activation, _samples(post.observations))
             mask = post.mask.reshape(tasks, -1)
             self.post_weight = (mask / mask.sum(1, keepdim=True)).unsqueeze(-1)
@@ -316,7 +327,7 @@ class ClosedFormMetaCurvature:
             ratio = torch.exp(log_prob - batch.old_log_prob.reshape(self.tasks, -1))
             weight = (batch.post_adv.reshape(self.tasks, -1) * ratio).unsqueeze(-1) * self.post_weight
             residual = _samples(post.actions) - self.post_net.mean
-            inv_var = torch.exp(-2 * self.fast_log_std).unsqueeze(1)
+            inv_var = self.fast_inv_var
             grad_w, grad_b = self.post_net.backward(-weight * residual * inv_var)
             grad_s = -(weight * (residual**2 * inv_var - 1)).sum(1)
             loss = -weight.sum(dim=(1, 2)).mean()

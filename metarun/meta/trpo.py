@@ -74,10 +74,10 @@ def trpo_step(params: Params, objective: Callable[[Params], tuple[Tensor, Tensor
             the gradient, every Fisher-vector product and every loss and KL the line search
             compares, so each process takes the single-process step. None: one process.
         fisher: ``v -> F v`` at ``params`` when the caller has a cheaper exact form (MAML-TRPO:
-            :func:`metarun.meta.policy_gradient.meta_fisher_operator`); None: the Hessian of the
+            :func:`metarun.meta.policy_gradient.meta_curvature`); None: the Hessian of the
             objective's KL by double backward (:func:`metarun.meta.hvp_operator`).
         gradient: ``() -> (gradient, surrogate loss)`` at ``params`` when the caller has a cheaper exact form
-            (:class:`metarun.meta.policy_gradient.ClosedFormMetaCurvature`); None: autograd on ``objective``.
+            (:func:`metarun.meta.policy_gradient.meta_curvature`); None: autograd on ``objective``.
 
     Returns:
         the new parameters (``params`` unchanged when no step is accepted) and statistics.
