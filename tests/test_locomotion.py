@@ -387,7 +387,7 @@ def test_the_cheetahs_batched_step_is_gymnasiums_physics(threads, env_kwargs):
     import gymnasium
 
     env = gymnasium.make("HalfCheetah-v5", **env_kwargs).unwrapped
-    group = locomotion._make_group("halfcheetah_dir", 0, 3, 3, env_kwargs, threads)
+    group = locomotion._make_group("halfcheetah_dir", 0, 3, 3, env_kwargs, "batched", threads)
     group.tasks = [{"direction": 1}, {"direction": -1}, {"direction": 1}]
     group.reset(options={"seeds": [0, 1, 2]})
     rng = np.random.default_rng(0)

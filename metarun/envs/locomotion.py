@@ -353,22 +353,21 @@ class _EnvGroupMixin:
     count as terminated. Per-env rewards and terminations travel in the info dict.
     """
 
-    def __init__(self, name: str, start: int, count: int, slots: int, env_kwargs: dict[str, Any], threads: int = 0,
-                 native: bool = True):
+    def __init__(self, name: str, start: int, count: int, slots: int, env_kwargs: dict[str, Any],
+                 sampler: str = "gymnasium", threads: int = 1):
         from gymnasium.spaces import Box
 
         self.envs = [make_env(name, **env_kwargs) for _ in range(count)]
         self.start, self.slots = start, slots
-        # threads 0: gymnasium's loop (each env's own step, one after another); >= 1: batched stepping, in
-        # MuJoCo's rollout (`native`, the cheetah) or the envs split into one chunk per thread, each chunk
-        # simulated on its own thread
-        self.batched = threads > 0
+        # `sampler` as LocomotionTasks': gymnasium's loop (each env's own step, one after another), or batched
+        # stepping on `threads` threads: in MuJoCo's rollout (batched, the cheetah) or the envs split into
+        # one chunk per thread, each chunk simulated on its own thread (threads, and the Ant's batched: its
+        # step needs per-env calls for contact forces and termination)
+        self.batched = sampler != "gymnasium"
         self.threads = max(1, min(threads, count))
         self._chunks = [list(chunk) for chunk in np.array_split(np.arange(count), self.threads)]
         single = self.envs[0]
-        # the cheetah's batched step runs in MuJoCo (its rollout); the Ant's needs per-env calls (contact
-        # forces, termination), each chunk of envs stepped on a Python thread
-        native = native and self.batched and not single._task_spec.is_ant
+        native = sampler == "batched" and not single._task_spec.is_ant
         self._native = _NativeStepper(single, count, self.threads) if native else None
         threaded = self.threads > 1 and self._native is None
         self._pool = ThreadPoolExecutor(self.threads, "metarun-mujoco") if threaded else None
@@ -513,10 +512,10 @@ def make_env(name: str, task: dict | None = None, **env_kwargs: Any):
         ) from error
 
 
-def _make_group(name: str, start: int, count: int, slots: int, env_kwargs: dict[str, Any], threads: int = 0,
-                native: bool = True):
+def _make_group(name: str, start: int, count: int, slots: int, env_kwargs: dict[str, Any],
+                sampler: str = "gymnasium", threads: int = 1):
     """An env group (module-level so that worker processes can unpickle it)."""
-    return _backend().group_class(name, start, count, slots, env_kwargs, threads, native)
+    return _backend().group_class(name, start, count, slots, env_kwargs, sampler, threads)
 
 
 class _SyncSampler:
@@ -528,8 +527,8 @@ class _SyncSampler:
     the episode's end: 2,600 against 7,700 steps/s). The group skips them.
     """
 
-    def __init__(self, name: str, n: int, env_kwargs: dict[str, Any], threads: int = 0, native: bool = True):
-        self.group = _make_group(name, 0, n, n, env_kwargs, threads, native)
+    def __init__(self, name: str, n: int, env_kwargs: dict[str, Any], sampler: str = "gymnasium", threads: int = 1):
+        self.group = _make_group(name, 0, n, n, env_kwargs, sampler, threads)
 
     def reset(self, tasks: list[dict], seeds: list[int]) -> np.ndarray:
         self.group.tasks = tasks
@@ -546,8 +545,8 @@ class _SyncSampler:
 class _AsyncSampler:
     """``n`` task envs split into groups over at most ``workers`` processes (``AsyncVectorEnv``)."""
 
-    def __init__(self, name: str, n: int, workers: int, env_kwargs: dict[str, Any], threads: int = 0,
-                 native: bool = True):
+    def __init__(self, name: str, n: int, workers: int, env_kwargs: dict[str, Any], sampler: str = "gymnasium",
+                 threads: int = 1):
         gym = _backend().gym
         self.n = n
         self.slots = math.ceil(n / workers)
@@ -555,7 +554,7 @@ class _AsyncSampler:
         fns = [
             functools.partial(
                 _make_group, name, g * self.slots, min(self.slots, n - g * self.slots), self.slots, env_kwargs,
-                threads, native,
+                sampler, threads,
             )
             for g in range(groups)
         ]
@@ -649,11 +648,6 @@ class LocomotionTasks:
         self._samplers: dict[int, _SyncSampler | _AsyncSampler] = {}  # by number of envs, reused
 
     @property
-    def _group_threads(self) -> int:
-        """The samplers' ``threads``: 0 selects gymnasium's own loop."""
-        return 0 if self.sampler == "gymnasium" else self.threads
-
-    @property
     def task_key(self) -> str:
         """The task's parameter: ``"velocity"`` or ``"direction"``."""
         return self.spec.task_key
@@ -669,11 +663,10 @@ class LocomotionTasks:
     def _sampler(self, n: int) -> _SyncSampler | _AsyncSampler:
         if n not in self._samplers:
             if self.num_workers > 1:
-                self._samplers[n] = _AsyncSampler(self.name, n, self.num_workers, self.env_kwargs, self._group_threads,
-                                                  self.sampler == "batched")
+                self._samplers[n] = _AsyncSampler(self.name, n, self.num_workers, self.env_kwargs, self.sampler,
+                                                  self.threads)
             else:
-                self._samplers[n] = _SyncSampler(self.name, n, self.env_kwargs, self._group_threads,
-                                                 self.sampler == "batched")
+                self._samplers[n] = _SyncSampler(self.name, n, self.env_kwargs, self.sampler, self.threads)
         return self._samplers[n]
 
     def rollout(
