@@ -1,0 +1,19 @@
+"""metarun's side of a gradient check (``parity/<reference>/gradient_check.py``): one meta-gradient of
+metarun's, parameter by parameter, against the one the reference's code saved from the same weights
+and episodes. Runs in metarun's venv."""
+
+from __future__ import annotations
+
+import torch
+
+
+def largest_relative_error(pairs: list[tuple[str, torch.Tensor, torch.Tensor]]) -> float:
+    """Print each (name, metarun's gradient, the reference's) relative error and return the largest.
+    A gradient that is zero up to rounding (a conv bias that batch norm follows) is noise, not counted."""
+    worst = 0.0
+    for name, own, expected in pairs:
+        error = ((own - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+        noise = bool(expected.norm() < 1e-12)
+        worst = max(worst, 0.0 if noise else error)
+        print(f"{name:40s} relative error {error:.1e}{'  (zero gradient: noise)' if noise else ''}")
+    return worst
