@@ -45,8 +45,19 @@ for a in ${ALGORITHMS:-maml fomaml anil metasgd mamlpp}; do
         --steps "$STEPS" --eval-every "$EVERY" --out "$split"
       echo "$(date +%T) reference $split rc=$?"
     fi
+    if [ "$a" = mamlpp ]; then  # the reference on metarun's pixels (bright strokes on 0, not its own 1 - x)
+      same=parity/runs/mamlpp/reference-same-pixels/seed$s
+      if [ ! -f "$same/results.json" ]; then
+        rm -rf "$same"
+        "$MAMLPP_PYTHON" parity/mamlpp/reference.py --ref "$MAMLPP_REF" --steps "$STEPS" --eval-every "$EVERY" \
+          --seed "$s" --no-invert --out "$same"
+        echo "$(date +%T) reference $same rc=$?"
+      fi
+    fi
     metarun_run "$a" "$s" "parity/runs/$a/metarun/seed$s"
-    if [ "$a" != mamlpp ]; then  # and on learn2learn's network (docs/parity.md, MAML)
+    if [ "$a" = mamlpp ]; then  # and with the reference's initialisation (docs/parity.md, MAML++)
+      metarun_run "$a" "$s" "parity/runs/$a/metarun-xavier/seed$s" model.init=xavier
+    else  # and on learn2learn's network (docs/parity.md, MAML)
       metarun_run "$a" "$s" "parity/runs/$a/metarun-l2lcnn/seed$s" model=custom \
         model._target_=parity.learn2learn.omniglot_cnn.OmniglotCNN
     fi
