@@ -575,7 +575,7 @@ def plot_table(table: Table, out: Path, notes: list[str] | None = None) -> list[
         fig.tight_layout()
         for ext in ("png", "svg"):
             path = out / f"{table.slug}_{name}.{ext}"
-            fig.savefig(path, dpi=120)
+            fig.savefig(path, dpi=120, bbox_inches="tight")  # (a long label or title stays whole)
             written.append(path)
         plt.close(fig)
 
