@@ -23,36 +23,29 @@ metarun_run() {  # ALGORITHM SEED FOLDER [override ...]: parity/metarun.sh, or r
   echo "$(date +%T) metarun $folder rc=$?"
 }
 
+reference_run() {  # FOLDER PYTHON DRIVER [argument ...]: the reference from the start (it keeps no checkpoint), or nothing
+  local folder=$1; shift
+  if [ -f "$folder/results.json" ]; then return; fi
+  rm -rf "$folder"
+  "$@" --steps "$STEPS" --eval-every "$EVERY" --out "$folder"
+  echo "$(date +%T) reference $folder rc=$?"
+}
+
 for a in ${ALGORITHMS:-maml fomaml anil metasgd mamlpp}; do
   for s in ${SEEDS:-0 1 2}; do
-    out=parity/runs/$a/reference/seed$s
-    if [ ! -f "$out/results.json" ]; then
-      rm -rf "$out"
-      if [ "$a" = mamlpp ]; then
-        "$MAMLPP_PYTHON" parity/mamlpp/reference.py --ref "$MAMLPP_REF" --steps "$STEPS" --eval-every "$EVERY" \
-          --seed "$s" --out "$out"
-      else
-        test_steps=3; [ "$a" = metasgd ] && test_steps=1  # Meta-SGD is tested after its one step (paper, preset)
-        "$L2L_PYTHON" parity/learn2learn/reference.py --algorithm "$a" --seed "$s" --steps "$STEPS" \
-          --eval-every "$EVERY" --test-steps "$test_steps" --out "$out"
-      fi
-      echo "$(date +%T) reference $out rc=$?"
+    if [ "$a" = mamlpp ]; then
+      mamlpp=("$MAMLPP_PYTHON" parity/mamlpp/reference.py --ref "$MAMLPP_REF" --seed "$s")
+      reference_run "parity/runs/mamlpp/reference/seed$s" "${mamlpp[@]}"
+      # and on metarun's pixels (bright strokes on 0, not its own 1 - x)
+      reference_run "parity/runs/mamlpp/reference-same-pixels/seed$s" "${mamlpp[@]}" --no-invert
+    else
+      test_steps=3; [ "$a" = metasgd ] && test_steps=1  # Meta-SGD is tested after its one step (paper, preset)
+      reference_run "parity/runs/$a/reference/seed$s" "$L2L_PYTHON" parity/learn2learn/reference.py \
+        --algorithm "$a" --seed "$s" --test-steps "$test_steps"
     fi
-    split=parity/runs/anil-split/reference/seed$s  # ANIL's reference with batch norm per half, as metarun's
-    if [ "$a" = anil ] && [ ! -f "$split/results.json" ]; then
-      rm -rf "$split"
-      "$L2L_PYTHON" parity/learn2learn/reference.py --algorithm anil --anil-features split --seed "$s" \
-        --steps "$STEPS" --eval-every "$EVERY" --out "$split"
-      echo "$(date +%T) reference $split rc=$?"
-    fi
-    if [ "$a" = mamlpp ]; then  # the reference on metarun's pixels (bright strokes on 0, not its own 1 - x)
-      same=parity/runs/mamlpp/reference-same-pixels/seed$s
-      if [ ! -f "$same/results.json" ]; then
-        rm -rf "$same"
-        "$MAMLPP_PYTHON" parity/mamlpp/reference.py --ref "$MAMLPP_REF" --steps "$STEPS" --eval-every "$EVERY" \
-          --seed "$s" --no-invert --out "$same"
-        echo "$(date +%T) reference $same rc=$?"
-      fi
+    if [ "$a" = anil ]; then  # ANIL's reference with batch norm per half, as metarun's
+      reference_run "parity/runs/anil-split/reference/seed$s" "$L2L_PYTHON" parity/learn2learn/reference.py \
+        --algorithm anil --anil-features split --seed "$s"
     fi
     metarun_run "$a" "$s" "parity/runs/$a/metarun/seed$s"
     if [ "$a" = mamlpp ]; then  # and with the reference's initialisation (docs/parity.md, MAML++)
