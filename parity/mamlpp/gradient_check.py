@@ -63,34 +63,37 @@ def reference(out: Path, ref: Path, epoch: int, seed: int) -> None:
           f"written to {out}")
 
 
-def metarun_names() -> dict[str, tuple[str, slice | None]]:
-    """The reference's trainable parameter -> metarun's name, and the part of it that metarun has (None: all).
-    metarun's per-step tensors are keyed by the model parameter's name with dots as dashes."""
-    names: dict[str, tuple[str, slice | None]] = {}
+ALL = slice(None)
+
+
+def metarun_names() -> dict[str, tuple[str, slice]]:
+    """The reference's trainable parameter -> metarun's name, and the part of it that metarun has (the rates:
+    the first STEPS). metarun's per-step tensors are keyed by the model parameter's name with dots as dashes."""
+    names: dict[str, tuple[str, slice]] = {}
     for i in range(BLOCKS):
         conv, norm = f"features-{4 * i}", f"features-{4 * i + 1}"
         for p in ("weight", "bias"):
-            names[f"classifier.layer_dict.conv{i}.conv.{p}"] = (f"features.{4 * i}.{p}", None)
-            names[f"classifier.layer_dict.conv{i}.norm_layer.{p}"] = (f"algorithm.norm.{norm}-{p}", None)
+            names[f"classifier.layer_dict.conv{i}.conv.{p}"] = (f"features.{4 * i}.{p}", ALL)
+            names[f"classifier.layer_dict.conv{i}.norm_layer.{p}"] = (f"algorithm.norm.{norm}-{p}", ALL)
             names[f"inner_loop_optimizer.names_learning_rates_dict.layer_dict-conv{i}-conv-{p}"] = (
                 f"algorithm.rates.{conv}-{p}", slice(0, STEPS))
     for theirs, ours in (("weights", "weight"), ("bias", "bias")):
-        names[f"classifier.layer_dict.linear.{theirs}"] = (f"head.{ours}", None)
+        names[f"classifier.layer_dict.linear.{theirs}"] = (f"head.{ours}", ALL)
         names[f"inner_loop_optimizer.names_learning_rates_dict.layer_dict-linear-{theirs}"] = (
             f"algorithm.rates.head-{ours}", slice(0, STEPS))
     return names
 
 
-def compare(saved: Path) -> float:
-    root = HERE.parents[1]
-    sys.path.insert(0, str(root))
+def compare(ref: dict) -> float:
+    """metarun's gradient from the reference's saved weights and episodes (``ref``), against its gradient."""
+    sys.path.insert(0, str(HERE.parents[1]))
     from metarun.algorithms import ALGORITHMS
+    from metarun.algorithms.mamlpp import norm_parameters
     from metarun.cli import compose
     from metarun.models import Conv4
     from metarun.types import TaskBatch
     from parity.gradients import largest_relative_error
 
-    ref = torch.load(saved)
     cfg = compose("experiment=omniglot_5w1s", "algorithm=mamlpp", "algorithm.meta_batch_size=8")
     model = Conv4(in_channels=1, out_features=WAYS, hidden=64, image_size=28, downsample="maxpool",
                   activation="leaky_relu").double()
@@ -98,19 +101,19 @@ def compare(saved: Path) -> float:
     alg.on_iteration(ref["epoch"] * cfg.algorithm.iterations_per_epoch)
     names = metarun_names()
     own = {**dict(model.named_parameters()), **{f"algorithm.{k}": v for k, v in alg.named_parameters()}}
-    model_norms = {f"features.{4 * i + 1}.{p}" for i in range(BLOCKS) for p in ("weight", "bias")}  # per-step copies
-    if sorted(set(own) - model_norms) != sorted(n for n, _ in names.values()) or set(ref["weights"]) != set(names):
-        sys.exit(f"gradient_check: parameters differ: {sorted((set(own) - model_norms) ^ {n for n, _ in names.values()})}")
+    compared = set(own) - set(norm_parameters(model))  # the model's norm weights give way to per-step copies
+    if compared != {ours for ours, _ in names.values()} or set(ref["weights"]) != set(names):
+        sys.exit(f"gradient_check: parameters differ: {sorted(compared ^ {ours for ours, _ in names.values()})}")
     with torch.no_grad():
         for theirs, (ours, part) in names.items():
-            own[ours].copy_(ref["weights"][theirs][part or slice(None)])
+            own[ours].copy_(ref["weights"][theirs][part])
     params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
     tasks = TaskBatch(ref["sx"], ref["y"], ref["qx"], ref["y"])
     grads, loss = alg.outer_gradient(params, tasks, "loop")
     print(f"loss: metarun {loss.item():.12f}, the reference {ref['loss']:.12f}")
-    unused = max(ref["grads"][k][STEPS:].abs().max().item() for k, (_, part) in names.items() if part)
+    unused = max(ref["grads"][k][STEPS:].abs().max().item() for k, (_, part) in names.items() if part != ALL)
     print(f"the reference's unused 6th rates: largest gradient {unused:.1e}")
-    worst = largest_relative_error([(ours, grads[ours], ref["grads"][theirs][part or slice(None)])
+    worst = largest_relative_error([(ours, grads[ours], ref["grads"][theirs][part])
                                     for theirs, (ours, part) in names.items()])
     print(f"gradient_check: MAML++ at epoch {ref['epoch']}: largest relative error {worst:.1e}")
     return worst
@@ -127,9 +130,10 @@ def main() -> None:
     if args.side == "reference":
         reference(args.file, args.ref.resolve(), args.epoch, args.seed)
         return
+    saved = torch.load(args.file)
     # float32 step-loss weights in the reference while the multi-step loss is on (see above)
-    bound = 1e-10 if torch.load(args.file)["epoch"] >= 10 else 1e-6
-    if compare(args.file) > bound:
+    bound = 1e-10 if saved["epoch"] >= 10 else 1e-6
+    if compare(saved) > bound:
         sys.exit(1)
 
 
