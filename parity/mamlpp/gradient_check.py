@@ -84,11 +84,26 @@ def metarun_names() -> dict[str, tuple[str, slice]]:
     return names
 
 
+def load_weights(model, algorithm, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy the reference's trainable parameters (``weights``, by its names) into metarun's ``model`` and
+    ``algorithm``; returns metarun's parameters by the names of :func:`metarun_names`."""
+    from metarun.algorithms.mamlpp import norm_parameters
+
+    names = metarun_names()
+    own = {**dict(model.named_parameters()), **{f"algorithm.{k}": v for k, v in algorithm.named_parameters()}}
+    compared = set(own) - set(norm_parameters(model))  # the model's norm weights give way to per-step copies
+    if compared != {ours for ours, _ in names.values()} or set(weights) != set(names):
+        sys.exit(f"parity/mamlpp: parameters differ: {sorted(compared ^ {ours for ours, _ in names.values()})}")
+    with torch.no_grad():
+        for theirs, (ours, part) in names.items():
+            own[ours].copy_(weights[theirs][part])
+    return own
+
+
 def compare(ref: dict) -> float:
     """metarun's gradient from the reference's saved weights and episodes (``ref``), against its gradient."""
     sys.path.insert(0, str(HERE.parents[1]))
     from metarun.algorithms import ALGORITHMS
-    from metarun.algorithms.mamlpp import norm_parameters
     from metarun.cli import compose
     from metarun.models import Conv4
     from metarun.types import TaskBatch
@@ -100,13 +115,7 @@ def compare(ref: dict) -> float:
     alg = ALGORITHMS["mamlpp"](cfg.algorithm, model, F.cross_entropy).double()
     alg.on_iteration(ref["epoch"] * cfg.algorithm.iterations_per_epoch)
     names = metarun_names()
-    own = {**dict(model.named_parameters()), **{f"algorithm.{k}": v for k, v in alg.named_parameters()}}
-    compared = set(own) - set(norm_parameters(model))  # the model's norm weights give way to per-step copies
-    if compared != {ours for ours, _ in names.values()} or set(ref["weights"]) != set(names):
-        sys.exit(f"gradient_check: parameters differ: {sorted(compared ^ {ours for ours, _ in names.values()})}")
-    with torch.no_grad():
-        for theirs, (ours, part) in names.items():
-            own[ours].copy_(ref["weights"][theirs][part])
+    load_weights(model, alg, ref["weights"])
     params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
     tasks = TaskBatch(ref["sx"], ref["y"], ref["qx"], ref["y"])
     grads, loss = alg.outer_gradient(params, tasks, "loop")

@@ -149,13 +149,18 @@ def evaluate(model, data: dict, batch: int, invert: bool) -> dict[int, list[floa
     return acc
 
 
-def main() -> None:
-    a = parse()
-    torch.set_num_threads(1)
+def quiet() -> None:
+    """Silence the warnings the reference's torch-1.x idioms raise at every step."""
     for message in ("Detected call of `lr_scheduler.step()`", "The epoch parameter in `scheduler.step()`",
                     "The .grad attribute of a Tensor that is not a leaf", "To get the last learning rate",
                     "\"is not\" with"):
-        warnings.filterwarnings("ignore", message=".*" + re.escape(message))  # its torch-1.x idioms
+        warnings.filterwarnings("ignore", message=".*" + re.escape(message))
+
+
+def main() -> None:
+    a = parse()
+    torch.set_num_threads(1)
+    quiet()
     ref = Path(a.ref).resolve()
     sys.path.insert(0, str(ref))
     commit = os.popen(f"git -C {ref} rev-parse HEAD").read().strip()
