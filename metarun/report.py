@@ -514,6 +514,11 @@ def _label(conf: Configuration, columns: list[str]) -> str:
     return ", ".join(f"{c.rsplit('.', 1)[-1]}={_short(conf.settings[c])}" for c in columns) or "runs"
 
 
+def _legend(ax) -> None:
+    """The legend under the axes (below the x label), where no label, however long, covers a curve."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.16), frameon=False)
+
+
 def _band(ax, x, runs_y: list[list[float]], label: str, color) -> None:
     """The mean over seeds as a line, one standard deviation as a band."""
     import numpy as np
@@ -606,7 +611,7 @@ def plot_table(table: Table, out: Path, notes: list[str] | None = None) -> list[
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel + unit)
             ax.set_title(f"{table.title}: {ylabel.split(' ')[0]} (mean, band: ±1 sd over seeds)", fontsize=9)
-            ax.legend(fontsize=7)
+            _legend(ax)
             ax.grid(alpha=0.3)
             save(fig, name)
 
@@ -630,7 +635,7 @@ def plot_table(table: Table, out: Path, notes: list[str] | None = None) -> list[
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f"test {table.metric}{unit}")
             ax.set_title(f"{table.title}: test {table.metric} during training (band: ±1 sd over seeds)", fontsize=9)
-            ax.legend(fontsize=7)
+            _legend(ax)
             ax.grid(alpha=0.3)
             save(fig, name)
 
@@ -653,7 +658,7 @@ def plot_table(table: Table, out: Path, notes: list[str] | None = None) -> list[
     ax.set_xlabel("number of gradient steps" if rl else "inner steps at test time")
     ax.set_ylabel("average return" if rl else f"test {table.metric}{unit}")
     ax.set_title(f"{table.title}: after adapting (mean over test tasks; band: ±1 sd over seeds)", fontsize=9)
-    ax.legend(fontsize=7)
+    _legend(ax)
     ax.grid(alpha=0.3)
     save(fig, "return_vs_gradient_steps" if rl else "adaptation")
     return written

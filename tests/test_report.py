@@ -263,3 +263,22 @@ def test_runs_with_one_validation_point_get_no_single_dot_curves(tmp_path):
     assert "note: sinusoid, 10-shot: no validation plots: every configuration has 1 point(s)" in done.stdout
     written = {p.name for p in (tmp_path / "report").iterdir()}
     assert not any("validation" in name for name in written) and any("adaptation" in name for name in written)
+
+
+def test_every_figure_keeps_its_legend_below_the_axes(runs, tmp_path, monkeypatch):
+    """A legend of long labels (parity's implementation, init and input) covered the curves inside the axes."""
+    import matplotlib.pyplot as plt
+
+    placed, close = [], plt.close
+
+    def check_then_close(fig):
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        legend, axes = ax.get_legend().get_window_extent(), ax.get_window_extent()
+        placed.append(legend.y1 <= axes.y0)
+        close(fig)
+
+    monkeypatch.setattr(plt, "close", check_then_close)
+    tables, _, _ = report.build([runs])
+    written = [path for table in tables for path in report.plot_table(table, tmp_path)]
+    assert len(placed) == len(written) // 2 >= 5 and all(placed)
