@@ -22,7 +22,7 @@ step, the cosine over 100 steps), loads the starting weights and takes the train
 Each step's loss and the weights at the end are compared, beside the same comparison of metarun with itself
 (its meta-batch under vmap and one task after another): the same loop in the same arithmetic up to the order
 of its sums. Adam divides by the root of small second moments, so rounding grows from about the third step,
-and two runs of one loop end about 1e-8 apart after 20 steps; exit 1 above 1e-6. The convolutions' biases,
+and two runs of one loop end up to about 1e-8 apart after 20 steps; exit 1 above 1e-6. The convolutions' biases,
 which batch norm follows, are not compared: their gradients are rounding noise that Adam turns into steps.
 """
 
@@ -40,8 +40,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ITERATIONS_PER_EPOCH, EPOCHS = 1, 100  # one step per epoch; the reference config's 100 epochs for the cosine
-# Two float64 runs of one loop drift apart from about the third step (metarun's two batchings: 5e-9 in the
-# loss after 20 steps); a different loop does not come near: the cosine over 99 steps instead of 100, or
+# Two float64 runs of one loop drift apart from about the third step (metarun's two batchings: up to 5e-9 in
+# the loss after 20 steps); a different loop does not come near: the cosine over 99 steps instead of 100, or
 # epochs of two steps, left the 20th step's loss 0.28 (relative) from the reference's
 BOUND = 1e-6
 
