@@ -7,6 +7,13 @@ from __future__ import annotations
 import torch
 
 
+def metarun_named(model: dict, algorithm: dict) -> dict:
+    """metarun's tensors by the names the checks use: the model's as they are, the algorithm's own (Meta-SGD's
+    and MAML++'s rates, MAML++'s per-step norm weights) under ``algorithm.``. Takes the named parameters of a
+    model and its algorithm, or the two state dicts of a checkpoint."""
+    return {**model, **{f"algorithm.{k}": v for k, v in algorithm.items()}}
+
+
 def largest_relative_error(pairs: list[tuple[str, torch.Tensor, torch.Tensor]]) -> float:
     """Print each (name, metarun's gradient, the reference's) relative error and return the largest.
     A gradient that is zero up to rounding (a conv bias that batch norm follows) is noise, not counted."""

@@ -73,7 +73,7 @@ def compare(algorithm: str, saved: Path) -> float:
     from metarun.algorithms import ALGORITHMS
     from metarun.cli import compose
     from metarun.types import TaskBatch
-    from parity.gradients import largest_relative_error
+    from parity.gradients import largest_relative_error, metarun_named
     from parity.learn2learn.omniglot_cnn import OmniglotCNN
 
     ref = torch.load(saved)
@@ -81,7 +81,7 @@ def compare(algorithm: str, saved: Path) -> float:
     cfg = compose("experiment=omniglot_5w1s", f"algorithm={algorithm}")
     alg = ALGORITHMS[algorithm](cfg.algorithm, model, F.cross_entropy).double()
     names = metarun_names(algorithm)
-    own = {**dict(model.named_parameters()), **{f"algorithm.{k}": v for k, v in alg.named_parameters()}}
+    own = metarun_named(dict(model.named_parameters()), dict(alg.named_parameters()))
     if sorted(names) != sorted(own):
         sys.exit(f"gradient_check: parameters differ: {sorted(set(names) ^ set(own))}")
     with torch.no_grad():

@@ -30,12 +30,13 @@ WAYS, SHOTS = 5, 1
 
 def export(run: Path, out: Path) -> None:
     sys.path.insert(0, str(HERE.parents[1]))
+    from parity.gradients import metarun_named
     from parity.learn2learn.gradient_check import metarun_names
 
     checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     results = json.loads((run / "results.json").read_text())
     algorithm = checkpoint["config"]["algorithm"]["name"]
-    state = {**checkpoint["model"], **{f"algorithm.{k}": v for k, v in checkpoint["algorithm"].items()}}
+    state = metarun_named(checkpoint["model"], checkpoint["algorithm"])
     ours = {int(k.split("_")[1]): v["mean"] for k, v in results["results"][f"{SHOTS}-shot"].items()}
     torch.save({"algorithm": algorithm, "weights": [state[name] for name in metarun_names(algorithm)],
                 "accuracy": ours, "iteration": checkpoint["iteration"]}, out)
@@ -53,8 +54,10 @@ def reference(saved: Path) -> int:
             p.copy_(w)
     data = driver.common.load_episodes()
     episodes = {k: data[k] for k in ("test_support_x", "test_support_y", "test_query_x", "test_query_y")}
-    steps = 1 if ref["algorithm"] == "metasgd" else 3
-    record = driver.evaluate(learner, features, torch.nn.CrossEntropyLoss(), episodes, WAYS, SHOTS, steps)
+    steps = max(ref["accuracy"])  # metarun's test steps: its preset's (Meta-SGD 1, the others 3)
+    # ANIL's body on each half apart, as metarun's passes run it (the example's pools both halves)
+    record = driver.evaluate(learner, features, torch.nn.CrossEntropyLoss(), episodes, WAYS, SHOTS, steps,
+                             joint=ref["algorithm"] != "anil")
     worst = 0.0
     for s in (0, steps):
         theirs, ours = sum(record[s]) / len(record[s]), ref["accuracy"][s]

@@ -74,7 +74,7 @@ def compare(algorithm: str, saved: Path) -> float:
     from metarun.cli import compose
     from metarun.trainers.supervised import meta_step, setup
     from metarun.types import TaskBatch
-    from parity.gradients import largest_relative_error
+    from parity.gradients import largest_relative_error, metarun_named
     from parity.learn2learn.gradient_check import metarun_names
 
     ref = torch.load(saved)
@@ -83,7 +83,7 @@ def compare(algorithm: str, saved: Path) -> float:
                   f"algorithm.meta_batch_size={META_BATCH}", "algorithm.batching=vmap", "trainer.num_threads=1")
     run = setup(cfg, Path("/tmp"))
     names = metarun_names(algorithm)
-    own = {**dict(run.model.named_parameters()), **{f"algorithm.{k}": v for k, v in run.algorithm.named_parameters()}}
+    own = metarun_named(dict(run.model.named_parameters()), dict(run.algorithm.named_parameters()))
     with torch.no_grad():
         for name, value in zip(names, ref["start"]):
             own[name].copy_(value)

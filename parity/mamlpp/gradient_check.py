@@ -88,9 +88,10 @@ def load_weights(model, algorithm, weights: dict[str, torch.Tensor]) -> dict[str
     """Copy the reference's trainable parameters (``weights``, by its names) into metarun's ``model`` and
     ``algorithm``; returns metarun's parameters by the names of :func:`metarun_names`."""
     from metarun.algorithms.mamlpp import norm_parameters
+    from parity.gradients import metarun_named
 
     names = metarun_names()
-    own = {**dict(model.named_parameters()), **{f"algorithm.{k}": v for k, v in algorithm.named_parameters()}}
+    own = metarun_named(dict(model.named_parameters()), dict(algorithm.named_parameters()))
     compared = set(own) - set(norm_parameters(model))  # the model's norm weights give way to per-step copies
     if compared != {ours for ours, _ in names.values()} or set(weights) != set(names):
         sys.exit(f"parity/mamlpp: parameters differ: {sorted(compared ^ {ours for ours, _ in names.values()})}")
